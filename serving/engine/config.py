@@ -1,0 +1,59 @@
+"""Engine configuration: one model, its KV-cache budget, batching limits and LoRA slots."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from serving.engine.errors import ModelLoadError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """'512MiB', '2GiB', '1.5G' or a plain integer of bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB or 2GiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "")[:1].upper()])
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"  # our default name, an HF id or a local folder
+    served_name: str | None = None  # name in the API; defaults to `model`
+    tokenizer: str | None = None  # defaults to the model's folder
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    load_format: str = "auto"  # auto (safetensors/bin) or dummy (random weights at the config's shapes)
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | str = "1GiB"  # KV budget; the number of blocks follows from it
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory when set (tests force preemption with it)
+    max_num_seqs: int = 64  # running requests at once
+    max_num_batched_tokens: int = 1024  # per-step token budget (chunked prefill)
+    max_waiting: int = 1024  # queued requests beyond this get EngineOverloadedError (HTTP 429)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_loras: int = 8  # adapters resident in device slots at once
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
+    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ModelLoadError(f"block_size must be a power of two, got {self.block_size}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ModelLoadError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ModelLoadError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ModelLoadError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.model
