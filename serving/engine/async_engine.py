@@ -1,0 +1,157 @@
+"""AsyncEngine: the LLMEngine step loop in a background thread, with an async stream per request.
+
+The loop thread owns the engine; other threads only enqueue commands (add, abort, callables) and the loop
+applies them between steps, so the engine needs no locks. torch releases the GIL inside its kernels, so the
+asyncio side (HTTP, Ray Serve) stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from concurrent.futures import Future
+from typing import AsyncIterator, Callable
+
+from serving.engine.config import EngineConfig
+from serving.engine.errors import EngineOverloadedError
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.outputs import RequestOutput
+from serving.engine.sampling import SamplingParams
+
+log = logging.getLogger("loraplex.engine")
+_DONE = object()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config or EngineConfig())
+        self.config = self.engine.config
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = self.engine.stats()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    # ---- properties the server reads ------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    def stats(self) -> dict:
+        """A snapshot refreshed after every step (safe to read from any thread)."""
+        return dict(self._stats)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_token_ids, params)
+
+    # ---- the loop thread ------------------------------------------------------------------------------
+    def _emit(self, out: RequestOutput | BaseException | object, request_id: str, last: bool = False) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, q = target
+        if last:
+            self._streams.pop(request_id, None)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, out)
+        except RuntimeError:  # the consumer's loop is closed
+            pass
+
+    def _apply(self, cmd) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, request_id, prompt, params, lora_name = cmd
+            try:
+                self.engine.add_request(prompt, params, request_id, lora_name)
+            except BaseException as exc:  # reported to that request's consumer
+                self._emit(exc, request_id, last=True)
+        elif kind == "abort":
+            self.engine.abort(cmd[1])
+            self._emit(_DONE, cmd[1], last=True)
+        elif kind == "call":
+            fn, fut = cmd[1], cmd[2]
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_unfinished()
+            try:
+                cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+                self._apply(cmd)
+                while True:
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished():
+                self._stats = self.engine.stats()
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as exc:  # a bug or device failure: fail every request, keep the loop alive
+                log.exception("engine step failed")
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    self._emit(exc, request_id, last=True)
+                continue
+            for out in outputs:
+                self._emit(out, out.request_id, last=out.finished)
+            self._stats = self.engine.stats()
+
+    def run_in_engine(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """Run fn(engine) on the loop thread between steps (adapter loading, cache inspection)."""
+        fut: Future = Future()
+        self._commands.put(("call", fn, fut))
+        return fut
+
+    # ---- the async API --------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutput deltas. Leaving the loop early (break, cancel, disconnect) aborts the request."""
+        request_id = request_id or uuid.uuid4().hex
+        if self._stats["num_waiting"] + self._commands.qsize() >= self.config.max_waiting:
+            raise EngineOverloadedError(f"model {self.name!r} has {self.config.max_waiting} requests waiting; "
+                                        "retry later", retry_after=1.0)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", request_id, prompt, params, lora_name))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._streams.pop(request_id, None)
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)

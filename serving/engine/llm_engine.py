@@ -1,0 +1,323 @@
+"""LLMEngine: requests in, one scheduler step at a time, RequestOutput deltas out (synchronous core)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from serving.engine.config import EngineConfig
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from serving.engine.kv_cache import BlockAllocator
+from serving.engine.loader import build_model, load_generation_eos
+from serving.engine.model import ForwardBatch
+from serving.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from serving.engine.sampler import sample
+from serving.engine.sampling import SamplingParams
+from serving.engine.scheduler import Scheduler, SchedulerOutput
+from serving.engine.sequence import Sequence, Status
+
+log = logging.getLogger("loraplex.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    pending_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    pending_ids: list[list[int]] = field(default_factory=list)
+    reported: set[int] = field(default_factory=set)  # choices whose final output went out
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.device = pick_device(config.device)
+        dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype
+        self.model, self.hf_config, self.model_path, ctx = build_model(
+            config.model, config.load_format, dtype, self.device, config.max_model_len)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the tokenizer for {config.model!r}: {exc}") from exc
+        self.eos_ids = load_generation_eos(self.model_path, self.hf_config, self.tokenizer)
+        attn = self.model.layers[0].self_attn
+        bytes_per_block = 2 * len(self.model.layers) * config.block_size * attn.num_kv_heads * attn.head_dim \
+            * torch.finfo(dtype).bits // 8
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // bytes_per_block)
+        if num_blocks * config.block_size < ctx:
+            log.warning("KV cache holds %d tokens; capping max_model_len %d to it", num_blocks * config.block_size, ctx)
+            ctx = num_blocks * config.block_size
+        self.max_model_len = ctx
+        shape = (num_blocks, config.block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.model.layers]
+        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.lora = None  # serving.engine.lora.LoRAManager, attached by the multi-LoRA layer
+        self.total_prompt_tokens = 0
+        self.total_generated_tokens = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(prompt)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Reject a request before any work: bad sampling values, empty or over-long prompts."""
+        params.validate()
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.hf_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if any(t < 0 or t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        total = len(prompt_ids) + (params.max_tokens or 1)
+        if total > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens or 1} for the completion). "
+                "Please reduce the length of the prompt or max_tokens.")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    lora_name: str | None = None) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        prompt_ids = self.tokenize(prompt)
+        self.check_request(prompt_ids, params)
+        slot = self.lora.acquire(lora_name) if (self.lora is not None and lora_name) else -1
+        if lora_name and self.lora is None:
+            raise InvalidRequestError(f"adapter {lora_name!r} requested but LoRA is not enabled", param="model")
+        seqs, detoks = [], []
+        for i in range(params.n):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed((params.seed if params.seed is not None else torch.seed() % 2**62) + i)
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), len(prompt_ids), params,
+                           lora_name=lora_name, lora_slot=slot, generator=gen)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
+                                                 params.stop, params.include_stop_str_in_output))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs, detoks,
+                                             [[] for _ in seqs], [[] for _ in seqs],
+                                             metrics={"arrival": time.monotonic()})
+        self.total_prompt_tokens += len(prompt_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        outs = []
+        for seq, detok in zip(req.seqs, req.detoks):
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+            if seq.index not in req.reported:
+                outs.append(CompletionOutput(seq.index, "", [], None, seq.finish_reason, seq.stop_reason,
+                                             seq.num_output_tokens))
+        self._release_lora(req)
+        return RequestOutput(request_id, req.prompt_ids, outs, True, metrics=req.metrics)
+
+    def _release_lora(self, req: _Request) -> None:
+        if self.lora is not None and req.seqs and req.seqs[0].lora_name:
+            self.lora.release(req.seqs[0].lora_name)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def _build_batch(self, out: SchedulerOutput) -> ForwardBatch:
+        bs = self.config.block_size
+        ids, pos, slots, cu, pre_tables, pre_lens, logits_idx = [], [], [], [0], [], [], []
+        for s in out.prefills:
+            seq, start, end = s.seq, s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_tokens
+            ids += seq.token_ids[start:end]
+            pos += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            cu.append(cu[-1] + s.num_tokens)
+            pre_tables.append(table)
+            pre_lens.append(end)
+            if s.samples:
+                logits_idx.append(len(ids) - 1)
+        dec_tables, dec_lens = [], []
+        for s in out.decodes:
+            seq, p = s.seq, s.seq.num_tokens - 1
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            dec_tables.append(seq.block_table)
+            dec_lens.append(p + 1)
+            logits_idx.append(len(ids) - 1)
+        dev = self.device
+
+        def table(rows):
+            width = max((len(r) for r in rows), default=1)
+            return torch.tensor([r + [0] * (width - len(r)) for r in rows] or [[0]], dtype=torch.int32, device=dev)
+
+        long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+        return ForwardBatch(long(ids), long(pos), long(slots), cu[-1], i32(cu), table(pre_tables), i32(pre_lens),
+                            table(dec_tables), i32(dec_lens), long(logits_idx))
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.empty:
+            return []
+        now = time.monotonic()
+        batch = self._build_batch(out)
+        sampled = [s.seq for s in out.prefills if s.samples] + [s.seq for s in out.decodes]
+        for seq in sampled:
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+        lora_apply = None
+        if self.lora is not None:
+            lora_apply = self.lora.prepare_batch(out, batch)
+        logits = self.model(batch, self.kv_caches, lora_apply)
+        self.scheduler.after_step(out)
+        if not sampled:
+            return []
+        tokens, logprobs = sample(logits, sampled)
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for row, (seq, token) in enumerate(zip(sampled, tokens)):
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.is_finished:
+                continue
+            self._append_token(req, seq, token, logprobs[row] if seq.params.logprobs is not None else None)
+            seq.first_token_time = seq.first_token_time or now
+            req.metrics.setdefault("first_token", now)
+            touched[req.request_id] = req
+        return [self._make_output(req) for req in touched.values()]
+
+    def _append_token(self, req: _Request, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> None:
+        seq.token_ids.append(token)
+        self.total_generated_tokens += 1
+        req.pending_ids[seq.index].append(token)
+        p = seq.params
+        if logprobs is not None:
+            top = []
+            if p.logprobs:
+                vals, idx = logprobs.topk(p.logprobs)
+                top = [(int(i), self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals, idx)]
+            req.pending_logprobs[seq.index].append(
+                TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), top))
+        detok = req.detoks[seq.index]
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        if is_eos:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            hit = detok.add(token)
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", hit
+            elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) \
+                    or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq, detok in zip(req.seqs, req.detoks):
+            if seq.index in req.reported:
+                continue
+            new_ids = req.pending_ids[seq.index]
+            if not new_ids and not seq.is_finished:
+                continue
+            text = detok.flush_text(final=seq.is_finished)
+            lps = req.pending_logprobs[seq.index] if seq.params.logprobs is not None else None
+            outs.append(CompletionOutput(seq.index, text, new_ids, lps, seq.finish_reason, seq.stop_reason,
+                                         seq.num_output_tokens))
+            req.pending_ids[seq.index] = []
+            req.pending_logprobs[seq.index] = []
+            if seq.is_finished:
+                req.reported.add(seq.index)
+        finished = len(req.reported) == len(req.seqs)
+        if finished:
+            req.metrics["finished"] = time.monotonic()
+            self.requests.pop(req.request_id, None)
+            self._release_lora(req)
+        cached = req.seqs[0].num_cached_tokens if req.seqs else 0
+        return RequestOutput(req.request_id, req.prompt_ids, outs, finished, cached, dict(req.metrics))
+
+    # ---- convenience ----------------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 lora_names: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; returns one RequestOutput per prompt with whole texts and token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        lora_names = lora_names or [None] * len(prompts)
+        ids = [self.add_request(p, sp, lora_name=ln) for p, sp, ln in zip(prompts, params_list, lora_names)]
+        acc: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                merged = acc.setdefault(out.request_id, RequestOutput(out.request_id, out.prompt_token_ids, [], False))
+                by_index = {o.index: o for o in merged.outputs}
+                for o in out.outputs:
+                    m = by_index.get(o.index)
+                    if m is None:
+                        m = CompletionOutput(o.index, "", [], [] if o.logprobs is not None else None)
+                        merged.outputs.append(m)
+                        by_index[o.index] = m
+                    m.text += o.text
+                    m.token_ids += o.token_ids
+                    if o.logprobs is not None:
+                        m.logprobs = (m.logprobs or []) + o.logprobs
+                    m.finish_reason, m.stop_reason, m.num_generated = o.finish_reason, o.stop_reason, o.num_generated
+                merged.finished = out.finished
+                merged.num_cached_tokens = out.num_cached_tokens
+                merged.metrics = out.metrics
+        for merged in acc.values():
+            merged.outputs.sort(key=lambda o: o.index)
+        return [acc[i] for i in ids]
+
+    def stats(self) -> dict:
+        a = self.allocator
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_requests": len(self.requests),
+            "kv_blocks_total": a.num_blocks,
+            "kv_blocks_free": a.num_free,
+            "kv_usage": a.usage(),
+            "prefix_cache_queries": a.query_tokens,
+            "prefix_cache_hits": a.hit_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.total_prompt_tokens,
+            "generation_tokens_total": self.total_generated_tokens,
+        }

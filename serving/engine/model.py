@@ -1,0 +1,171 @@
+"""The Llama-family forward (Llama, Mistral, Qwen2, Qwen3) over a packed batch of tokens with a paged KV cache.
+
+Tokens of all scheduled sequences are packed into one [T, hidden] tensor, prefill chunks first, decodes after,
+so every projection is one matmul for the whole batch; only attention is split (paged prefill / paged decode).
+q/k/v and gate/up are fused into single matmuls; LoRA deltas (if any) are added per target slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class ArchSpec:
+    """What differs between the supported architectures."""
+
+    qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+
+
+@dataclass
+class ForwardBatch:
+    """Per-step inputs. Packed order: all prefill tokens (sequence by sequence), then one token per decode."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: block * block_size + offset where each token's KV goes
+    num_prefill_tokens: int
+    prefill_cu_seqlens: torch.Tensor  # [Sp+1] int32
+    prefill_block_tables: torch.Tensor  # [Sp, MB] int32
+    prefill_seq_lens: torch.Tensor  # [Sp] int32 (context incl. this chunk)
+    decode_block_tables: torch.Tensor  # [Sd, MB] int32
+    decode_seq_lens: torch.Tensor  # [Sd] int32
+    logits_indices: torch.Tensor  # [S_sample] long: rows of the packed batch to compute logits for
+    lora: object | None = None  # serving.engine.lora.LoRABatch, per-token adapter slots
+    extra: dict = field(default_factory=dict)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, spec: ArchSpec, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = spec.qkv_bias or bool(getattr(cfg, "attention_bias", False))
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if spec.qk_norm else None
+
+    def forward(self, x, cos, sin, batch: ForwardBatch, k_cache, v_cache, lora_apply):
+        qkv = self.qkv_proj(x)
+        if lora_apply is not None:
+            lora_apply(self.layer_idx, "qkv", x, qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = x.shape[0]
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Write this step's KV into the paged cache, then attend over the cache.
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        n_pre = batch.num_prefill_tokens
+        if n_pre:
+            out[:n_pre] = kernels.paged_prefill_attention(
+                q[:n_pre], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
+                batch.prefill_seq_lens, self.scale)
+        if n_pre < t:
+            out[n_pre:] = kernels.paged_decode_attention(
+                q[n_pre:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, self.scale)
+        out = out.reshape(t, self.q_size)
+        y = self.o_proj(out)
+        if lora_apply is not None:
+            lora_apply(self.layer_idx, "o", out, y)
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.intermediate = cfg.intermediate_size
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, lora_apply):
+        gu = self.gate_up_proj(x)
+        if lora_apply is not None:
+            lora_apply(self.layer_idx, "gate_up", x, gu)
+        gate, up = gu.split(self.intermediate, dim=-1)
+        h = F.silu(gate) * up
+        y = self.down_proj(h)
+        if lora_apply is not None:
+            lora_apply(self.layer_idx, "down", h, y)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, spec: ArchSpec, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, spec, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer_idx)
+
+    def forward(self, x, cos, sin, batch, k_cache, v_cache, lora_apply):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache, lora_apply)
+        return x + self.mlp(self.post_attention_layernorm(x), lora_apply)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg, spec: ArchSpec, inv_freq: torch.Tensor, attention_scaling: float, max_len: int):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # cos/sin for every position, computed as HF does (float32 positions * inv_freq) and kept in float32.
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos() * attention_scaling, persistent=False)
+        self.register_buffer("rope_sin", emb.sin() * attention_scaling, persistent=False)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], lora_apply=None):
+        """Returns logits [len(logits_indices), vocab] in float32."""
+        x = self.embed_tokens(batch.input_ids)
+        cos = self.rope_cos[batch.positions].to(x.dtype)[:, None, :]
+        sin = self.rope_sin[batch.positions].to(x.dtype)[:, None, :]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, batch, k_cache, v_cache, lora_apply)
+        h = self.norm(x[batch.logits_indices])
+        return F.linear(h, self.output_weight()).float()
