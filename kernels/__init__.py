@@ -1,0 +1,33 @@
+"""loraplex's kernels: paged attention, multi-LoRA shrink/expand and top-k retrieval scoring.
+
+Each kernel has a vectorised torch reference (`ref_*`, also the CPU production path) and a Triton version
+(`triton_*`, imported lazily on first CUDA use); `kernels.dispatch` picks one per call (see its docstring).
+"""
+
+from kernels.dispatch import (
+    BACKENDS,
+    KernelBackendError,
+    backend_for,
+    lora_expand,
+    lora_shrink,
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_attention,
+    requested_backend,
+    set_backend,
+    topk_scores,
+)
+
+__all__ = [
+    "BACKENDS",
+    "KernelBackendError",
+    "backend_for",
+    "requested_backend",
+    "set_backend",
+    "paged_decode_attention",
+    "prefill_attention",
+    "paged_prefill_attention",
+    "lora_shrink",
+    "lora_expand",
+    "topk_scores",
+]

@@ -1,0 +1,113 @@
+"""Kernel dispatch: Triton on CUDA, the torch references elsewhere.
+
+Backend choice, highest priority first: `set_backend(name)` (the engine's `kernels` config; "auto" defers), then
+the `LORAPLEX_KERNELS` environment variable (auto|torch|triton), then auto. Auto picks Triton when the tensors
+are on CUDA and triton imports, torch otherwise. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
+before the first Triton kernel module is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+_configured: str = "auto"
+_triton_ok: bool | None = None
+
+
+class KernelBackendError(RuntimeError):
+    """The requested kernel backend cannot run here (triton missing, or CPU tensors without the interpreter)."""
+
+
+def _check(name: str, source: str) -> str:
+    name = (name or "auto").strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the backend from configuration; "auto" (or None) leaves the choice to LORAPLEX_KERNELS / auto."""
+    global _configured
+    _configured = _check(name or "auto", "kernels backend")
+
+
+def requested_backend() -> str:
+    """The backend asked for, before looking at devices: the configured one, else LORAPLEX_KERNELS, else auto."""
+    if _configured != "auto":
+        return _configured
+    return _check(os.environ.get("LORAPLEX_KERNELS", "auto"), "LORAPLEX_KERNELS")
+
+
+def triton_available() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_ok = True
+        except Exception:  # ImportError, or a broken install raising at import time
+            _triton_ok = False
+    return _triton_ok
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def backend_for(device: torch.device) -> str:
+    """'torch' or 'triton' for tensors on `device`, raising KernelBackendError where a forced triton cannot run."""
+    want = requested_backend()
+    if want == "torch":
+        return "torch"
+    on_cuda = device.type == "cuda"
+    if want == "auto":
+        return "triton" if on_cuda and triton_available() and not interpreting() else "torch"
+    if not triton_available():
+        raise KernelBackendError("kernels backend 'triton' requested but triton is not installed "
+                                 "(pip install triton, or use LORAPLEX_KERNELS=torch)")
+    if not on_cuda and not interpreting():
+        raise KernelBackendError(f"kernels backend 'triton' needs CUDA tensors, got {device.type}; set "
+                                 "TRITON_INTERPRET=1 to run the Triton kernels on the CPU interpreter, or use "
+                                 "LORAPLEX_KERNELS=torch")
+    return "triton"
+
+
+def _impl(kind: str, device: torch.device):
+    """The module implementing `kind` (attention, lora, topk) for `device`; imported on first use."""
+    prefix = "triton" if backend_for(device) == "triton" else "ref"
+    return importlib.import_module(f"kernels.{prefix}_{kind}")
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks]; seq_lens [S]."""
+    return _impl("attention", q.device).paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal=True):
+    """Packed varlen attention: q [total_q, Hq, D], k/v [total_k, Hkv, D]; causal queries are the last positions."""
+    return _impl("attention", q.device).prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale):
+    """Chunked prefill / prefix hits: queries are each sequence's last positions, their KV already cached."""
+    return _impl("attention", q.device).paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                                                seq_lens, scale)
+
+
+def lora_shrink(x, lora_a, token_lora, scale=1.0):
+    """t[i] = scale[slot] * lora_a[slot] @ x[i] with slot = token_lora[i]; rows with slot -1 get zeros."""
+    return _impl("lora", x.device).lora_shrink(x, lora_a, token_lora, scale)
+
+
+def lora_expand(t, lora_b, token_lora, y):
+    """y[i] += lora_b[slot] @ t[i] in place (rows with slot -1 untouched); returns y."""
+    return _impl("lora", t.device).lora_expand(t, lora_b, token_lora, y)
+
+
+def topk_scores(queries, keys, k, metric="ip"):
+    """(scores [q, k], ids [q, k] int64), best first; metric "ip" (inner product) or "cosine"; k clamps to n."""
+    return _impl("topk", queries.device).topk_scores(queries, keys, k, metric)

@@ -1,0 +1,62 @@
+"""Torch reference multi-LoRA shrink/expand (also the CPU production path).
+
+Layouts (shared with the Triton kernels):
+  x [T, H_in]; lora_a [num_slots, r_max, H_in]; lora_b [num_slots, H_out, r_max]; t [T, r_max]
+  token_lora [T] int: the slot of each token, -1 for none; ranks below r_max are zero-padded.
+Tokens are grouped by slot (one stable sort) and each active slot does one matmul, so no per-token copy of
+an adapter matrix is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_lora_args(x: torch.Tensor, weights: torch.Tensor, token_lora: torch.Tensor, name: str) -> None:
+    if x.dim() != 2 or weights.dim() != 3:
+        raise ValueError(f"{name}: expected x 2-D and weights 3-D, got {tuple(x.shape)} and {tuple(weights.shape)}")
+    if token_lora.dim() != 1 or token_lora.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: token_lora must be [T={x.shape[0]}], got {tuple(token_lora.shape)}")
+
+
+def slot_scales(scale, num_slots: int, device) -> torch.Tensor:
+    """A float or a [num_slots] tensor -> [num_slots] fp32 tensor."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != num_slots:
+            raise ValueError(f"lora_shrink: scale must be a float or [num_slots={num_slots}], got {tuple(scale.shape)}")
+        return scale.reshape(num_slots).to(device=device, dtype=torch.float32)
+    return torch.full((num_slots,), float(scale), device=device, dtype=torch.float32)
+
+
+def group_by_slot(token_lora: torch.Tensor):
+    """[(slot, token indices)] for each slot that has tokens, -1 excluded."""
+    order = torch.argsort(token_lora, stable=True)
+    slots, counts = torch.unique_consecutive(token_lora[order], return_counts=True)
+    groups, start = [], 0
+    for slot, count in zip(slots.tolist(), counts.tolist()):
+        if slot >= 0:
+            groups.append((slot, order[start:start + count]))
+        start += count
+    return groups
+
+
+def lora_shrink(x, lora_a, token_lora, scale=1.0):
+    check_lora_args(x, lora_a, token_lora, "lora_shrink")
+    if lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={x.shape[1]}")
+    scales = slot_scales(scale, lora_a.shape[0], x.device)
+    t = torch.zeros(x.shape[0], lora_a.shape[1], dtype=x.dtype, device=x.device)
+    for slot, idx in group_by_slot(token_lora):
+        rows = x.index_select(0, idx)
+        t.index_copy_(0, idx, (rows @ lora_a[slot].t()) * scales[slot].to(x.dtype))
+    return t
+
+
+def lora_expand(t, lora_b, token_lora, y):
+    check_lora_args(t, lora_b, token_lora, "lora_expand")
+    if lora_b.shape[2] != t.shape[1] or y.shape != (t.shape[0], lora_b.shape[1]):
+        raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
+                         "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
+    for slot, idx in group_by_slot(token_lora):
+        y.index_add_(0, idx, (t.index_select(0, idx) @ lora_b[slot].t()).to(y.dtype))
+    return y
