@@ -99,6 +99,12 @@ class Embedder:
         counts = [len(ids) for ids in enc]
         return [min(c, self.max_tokens) for c in counts] if truncate else counts
 
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the tokens of `text` (no special tokens, no truncation): the chunker's ruler."""
+        with self._lock:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [(a, b) for a, b in enc["offset_mapping"] if b > a]
+
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """float32 [n, dim], each row L2-normalised. Longer inputs are truncated to max_tokens."""
         texts = self._prep(self._check(texts))
