@@ -153,16 +153,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class SimServer:
-    """A SimDeployment served by uvicorn on 127.0.0.1 in a background thread: `with SimServer(spec) as s:`."""
+class AppServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread: `with AppServer(app) as s:`."""
 
-    def __init__(self, spec: SimSpec):
+    def __init__(self, app, name: str = "app"):
         import uvicorn
 
-        self.sim = SimDeployment(spec)
+        self.name = name
         self.port = free_port()
-        config = uvicorn.Config(make_app(self.sim), host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -170,15 +169,23 @@ class SimServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> SimServer:
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"simulated deployment {self.sim.spec.name} did not start")
+                raise RuntimeError(f"server {self.name} did not start")
             time.sleep(0.02)
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class SimServer(AppServer):
+    """A SimDeployment over HTTP: `with SimServer(spec) as s: s.url, s.sim`."""
+
+    def __init__(self, spec: SimSpec):
+        self.sim = SimDeployment(spec)
+        super().__init__(make_app(self.sim), spec.name)
