@@ -89,9 +89,12 @@ def _ssn(text: str, m: re.Match) -> int | None:
     area, group, serial = m.group("a"), m.group("g"), m.group("s")
     if area in ("000", "666") or area.startswith("9") or group == "00" or serial == "0000":
         return None
+    if m.group(0) in _SSN_ADVERTISED:
+        return None
     return m.end()
 
 
+_SSN_ADVERTISED = ("078-05-1120", "457-55-5462", "219-09-9999")  # famous sample numbers, never issued
 _DNI_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
 
 
@@ -129,7 +132,8 @@ DETECTORS: list[tuple[str, re.Pattern, Callable[[str, re.Match], int | None]]] =
     ("national_id", re.compile(_B + r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]" + _E),
      _nino),  # UK National Insurance number
     ("national_id", re.compile(_B + r"(?P<n>\d{8}|[XYZ]\d{7})-?(?P<l>[A-Z])" + _E), _dni),  # Spanish DNI/NIE
-    ("phone", re.compile(r"(?<![\w+])(?:\+|00|\()?\d[\d ().-]{6,18}\d(?![\w])"), _phone),
+    ("phone", re.compile(r"(?<![\w+])(?:\+|00)\d[\d ().-]{6,18}\d(?!\w)"), _phone),  # international
+    ("phone", re.compile(r"(?<![\w+(])(?:\(\d{2,5}\) ?|\d{2,5}[ .-])\d{3,4}[ .-]?\d{3,4}(?!\w)"), _phone),  # national
     ("secret", re.compile(_B + r"(?:sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}|lpx-[A-Za-z0-9_-]{20,}"
                                r"|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"
                                r"|xox[abprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})"), _any),
@@ -233,16 +237,12 @@ class StreamGuard:
         return text
 
     def feed(self, chunk: str) -> str:
-        """Add a chunk; return the text now safe to send (maybe empty). Raises PIIBlocked under `block`."""
+        """Add a chunk; return the text now safe to send (maybe empty). Under `block`, raises PIIBlocked once a
+        finding is settled (a growing value may change kind: a card's first digits look like a phone)."""
         if self.action == "allow":
             return chunk
         self._buf += chunk
         findings = scan(self._buf, self.kinds)
-        if findings and self.action == "block":
-            self.found.update(f.kind for f in findings)
-            from serving.governance.errors import PIIBlocked
-
-            raise PIIBlocked(self.where, sorted(self.found))
         return self._emit(self._cut(findings), findings)
 
     def flush(self) -> str:
