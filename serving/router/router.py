@@ -219,7 +219,8 @@ class Router:
         self.metrics.decisions.labels(route_name, policy, decision.primary.model).inc()
         if decision.slo_met is False:
             self.metrics.slo_unmet.labels(route_name).inc()
-        log.info(json.dumps({"event": "route_decision", **decision.to_log()}))
+        if log.isEnabledFor(logging.INFO):
+            log.info(json.dumps({"event": "route_decision", **decision.to_log()}))
         return decision
 
     # -- fallback --------------------------------------------------------------------------------------------
