@@ -1,0 +1,138 @@
+"""Triton multi-LoRA shrink/expand (segmented, after punica's SGMV).
+
+Tokens are sorted by slot on the device (no host sync); the grid is (token tiles, output tiles, slots) and
+each program handles one tile of one slot's tokens, so every program does a dense matmul against a single
+adapter. Programs past the end of their slot's tokens exit at once. Layouts as in kernels/ref_lora.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ref_lora import check_lora_args, slot_scales
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def slot_segments(token_lora: torch.Tensor, num_slots: int):
+    """(token ids sorted by slot, start of each slot in that order, count per slot), all on the device."""
+    tl_ = token_lora.to(torch.int64)
+    order = torch.argsort(tl_, stable=True).to(torch.int32)
+    counts = torch.bincount(tl_ + 1, minlength=num_slots + 1)  # index 0 counts the -1 tokens
+    starts = (torch.cumsum(counts, 0) - counts)[1:num_slots + 1].to(torch.int32)
+    return order, starts, counts[1:num_slots + 1].to(torch.int32)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, starts_ptr, counts_ptr, scale_ptr, hidden, rank,
+                   stride_xt, stride_as, stride_ar, stride_tt,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    slot = tl.program_id(2)
+    count = tl.load(counts_ptr + slot)
+    if pid_m * BLOCK_M < count:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < count
+        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0).to(tl.int64)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        a_base = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            kmask = (k0 + offs_k) < hidden
+            x = tl.load(x_ptr + rows[:, None] * stride_xt + (k0 + offs_k)[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(a_base + (k0 + offs_k)[:, None], mask=kmask[:, None] & rmask[None, :], other=0.0)
+            acc += tl.dot(x, a, input_precision=DOT_PREC)
+        acc *= tl.load(scale_ptr + slot)
+        tl.store(t_ptr + rows[:, None] * stride_tt + offs_r[None, :], acc.to(t_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_features, rank,
+                   stride_tt, stride_bs, stride_bo, stride_yt,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)
+    count = tl.load(counts_ptr + slot)
+    if pid_m * BLOCK_M < count:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < count
+        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < out_features
+        offs_r = tl.arange(0, BLOCK_R)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bo
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            rmask = (r0 + offs_r) < rank
+            t = tl.load(t_ptr + rows[:, None] * stride_tt + (r0 + offs_r)[None, :],
+                        mask=mmask[:, None] & rmask[None, :], other=0.0)
+            b = tl.load(b_base + (r0 + offs_r)[:, None], mask=rmask[:, None] & nmask[None, :], other=0.0)
+            acc += tl.dot(t.to(b.dtype), b, input_precision=DOT_PREC)
+        y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
+        ymask = mmask[:, None] & nmask[None, :]
+        y = tl.load(y_ptrs, mask=ymask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def _block_m(num_tokens: int, on_gpu: bool) -> int:
+    return 16 if not on_gpu or num_tokens <= 16 else (32 if num_tokens <= 256 else 64)
+
+
+def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
+    """segments: slot_segments(token_lora, num_slots), to share the sort between shrink and expand."""
+    check_lora_args(x, lora_a, token_lora, "lora_shrink")
+    num_tokens, hidden = x.shape
+    num_slots, rank = lora_a.shape[0], lora_a.shape[1]
+    if lora_a.shape[2] != hidden:
+        raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={hidden}")
+    if x.stride(1) != 1 or lora_a.stride(2) != 1:
+        raise ValueError("lora_shrink: x and lora_a must be contiguous along H_in")
+    t = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
+    if num_tokens == 0 or num_slots == 0:
+        return t
+    order, starts, counts = segments if segments is not None else slot_segments(token_lora, num_slots)
+    scales = slot_scales(scale, num_slots, x.device)
+    on_gpu = x.device.type == "cuda"
+    block_m = _block_m(num_tokens, on_gpu)
+    block_r = min(64, max(16, triton.next_power_of_2(rank)))
+    block_k = (128 if on_gpu else 32)
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(rank, block_r), num_slots)
+    _shrink_kernel[grid](x, lora_a, t, order, starts, counts, scales, hidden, rank,
+                         x.stride(0), lora_a.stride(0), lora_a.stride(1), t.stride(0),
+                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PREC=_dot_precision(x.dtype),
+                         num_warps=4)
+    return t
+
+
+def lora_expand(t, lora_b, token_lora, y, segments=None):
+    check_lora_args(t, lora_b, token_lora, "lora_expand")
+    num_tokens, rank = t.shape
+    num_slots, out_features = lora_b.shape[0], lora_b.shape[1]
+    if lora_b.shape[2] != rank or y.shape != (num_tokens, out_features):
+        raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
+                         "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
+    if t.stride(1) != 1 or lora_b.stride(2) != 1 or y.stride(1) != 1:
+        raise ValueError("lora_expand: t, lora_b and y must be contiguous along their last axis")
+    if num_tokens == 0 or num_slots == 0:
+        return y
+    order, starts, counts = segments if segments is not None else slot_segments(token_lora, num_slots)
+    on_gpu = t.device.type == "cuda"
+    block_m = _block_m(num_tokens, on_gpu)
+    block_n = 128 if on_gpu else 32
+    block_r = min(64, max(16, triton.next_power_of_2(rank)))
+    grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
+    _expand_kernel[grid](t, lora_b, y, order, starts, counts, out_features, rank,
+                         t.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PREC=_dot_precision(lora_b.dtype),
+                         num_warps=4)
+    return y
