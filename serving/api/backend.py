@@ -1,0 +1,160 @@
+"""What a model replica does with an API request: template, tokenise, validate, then stream engine deltas.
+
+The replica streams plain dicts (cheap to pickle through Ray Serve), and the first one is always either
+`{"kind": "accepted", ...}` or `{"kind": "error", ...}`: the gateway waits for it before sending any HTTP
+headers, so validation errors, context-length errors and a full queue come back as proper 4xx JSON rather
+than inside an SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from serving.api.errors import APIError
+
+log = logging.getLogger("loraplex.backend")
+
+
+def _logprobs_dict(lps) -> list | None:
+    if lps is None:
+        return None
+    return [
+        {"id": lp.token_id, "token": lp.token, "logprob": float(lp.logprob),
+         "top": [(int(t[0]), str(t[1]), float(t[2])) for t in (lp.top or [])]}
+        for lp in lps
+    ]
+
+
+def delta_item(out) -> dict:
+    """One engine RequestOutput -> a picklable delta."""
+    choices = []
+    for c in out.outputs:
+        choices.append({
+            "index": c.index,
+            "text": c.text,
+            "num_tokens": len(c.token_ids),
+            "logprobs": _logprobs_dict(c.logprobs),
+            "finish_reason": c.finish_reason,
+        })
+    item = {"kind": "delta", "choices": choices, "finished": bool(out.finished),
+            "num_cached_tokens": int(getattr(out, "num_cached_tokens", 0) or 0)}
+    m = getattr(out, "metrics", None) or {}
+    arrival = m.get("arrival") or m.get("arrival_time")
+    started = m.get("first_scheduled") or m.get("scheduled") or m.get("first_scheduled_time")
+    if arrival is not None and started is not None:
+        item["queue_time"] = max(0.0, float(started) - float(arrival))
+    return item
+
+
+class ModelBackend:
+    """One engine and the API-level work around it, inside a model replica."""
+
+    def __init__(self, engine, name: str, adapters: dict[str, str] | None = None):
+        self.engine = engine
+        self.name = name
+        self.adapters = dict(adapters or {})  # adapter name -> source; the engine owns the weights
+        self.created = int(time.time())
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _prompt_ids(self, req: dict) -> tuple[list[int], str | None]:
+        tok = self.engine.tokenizer
+        if req["kind"] == "chat":
+            try:
+                text = tok.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja raises TemplateError for e.g. an unsupported role order
+                raise APIError(400, f"The chat template rejected these messages: {exc}",
+                               param="messages", code="invalid_messages") from None
+            return list(tok(text, add_special_tokens=False)["input_ids"]), None
+        prompt = req["prompt"]
+        if isinstance(prompt, str):
+            return list(tok(prompt)["input_ids"]), prompt
+        vocab = len(tok)
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"prompt contains token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}",
+                           param="prompt", code="invalid_value")
+        return list(prompt), (tok.decode(prompt) if req.get("echo") else None)
+
+    def _prepare(self, req: dict):
+        from serving.engine import SamplingParams
+        from serving.engine.errors import EngineError
+
+        param = "messages" if req["kind"] == "chat" else "prompt"
+        try:
+            prompt_ids, prompt_text = self._prompt_ids(req)
+            params = SamplingParams(**req["sampling"]).validate()
+            self.engine.check_request(prompt_ids, params)
+        except APIError:
+            raise
+        except EngineError as exc:
+            err = APIError.from_engine(exc)
+            if err.code == "context_length_exceeded" and err.param in (None, "messages", "prompt"):
+                err.param = param
+            raise err from None
+        except TypeError as exc:  # an unexpected keyword in the sampling dict: our bug, not the client's
+            raise APIError(500, f"bad sampling parameters: {exc}", type="server_error") from None
+        lora = req.get("adapter")
+        if lora is not None and lora not in self.adapters:
+            raise APIError(404, f"The model `{self.name}:{lora}` does not exist.", param="model",
+                           code="model_not_found")
+        return prompt_ids, prompt_text, params
+
+    async def stream(self, req: dict):
+        """Yield the accepted/error item, then deltas until every choice finished. Cancelling aborts."""
+        from serving.engine.errors import EngineError
+
+        request_id = req.get("request_id") or uuid.uuid4().hex
+        try:
+            prompt_ids, prompt_text, params = self._prepare(req)
+        except APIError as err:
+            yield {"kind": "error", "error": err.to_dict()}
+            return
+        gen = self.engine.generate(prompt_ids, params, request_id=request_id, lora_name=req.get("adapter"))
+        finished = False
+        try:
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except EngineError as exc:
+                finished = True
+                yield {"kind": "error", "error": APIError.from_engine(exc).to_dict()}
+                return
+            yield {"kind": "accepted", "request_id": request_id, "prompt_tokens": len(prompt_ids),
+                   "prompt_text": prompt_text}
+            if first is not None:
+                yield delta_item(first)
+                async for out in gen:
+                    yield delta_item(out)
+            finished = True
+        finally:
+            if not finished:  # the client went away (cancelled) or the gateway stopped reading
+                await self._abort(gen, request_id)
+
+    async def _abort(self, gen, request_id: str) -> None:
+        try:
+            await asyncio.shield(self.engine.abort(request_id))
+        except Exception:  # already finished or unknown: nothing to free
+            log.debug("abort %s failed", request_id, exc_info=True)
+        try:
+            await gen.aclose()
+        except Exception:
+            pass
+
+    # ---- introspection --------------------------------------------------------------------------
+    def model_cards(self) -> list[dict]:
+        cards = [{"id": self.name, "object": "model", "created": self.created, "owned_by": "loraplex",
+                  "root": self.name, "parent": None, "max_model_len": self.engine.max_model_len}]
+        for name in sorted(self.adapters):
+            cards.append({"id": f"{self.name}:{name}", "object": "model", "created": self.created,
+                          "owned_by": "loraplex", "root": self.name, "parent": self.name,
+                          "max_model_len": self.engine.max_model_len})
+        return cards
+
+    def stats(self) -> dict:
+        s = dict(self.engine.stats())
+        s["time"] = time.time()
+        return s

@@ -1,0 +1,166 @@
+"""The Ray Serve application: a FastAPI gateway, one LLM deployment per base model, an embeddings deployment.
+
+    app = build_app(load_config("configs/serve.yaml"))
+    serve.run(app, name="loraplex", route_prefix="/")
+
+Each LLMServer replica owns one AsyncEngine; the gateway streams its deltas through
+`handle.options(stream=True)` so tokens reach the client as they are generated, never buffered whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from ray import serve
+
+from serving.config import ModelSpec, ServeConfig
+
+APP_NAME = "loraplex"
+log = logging.getLogger("loraplex.app")
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (direct use in a test)
+        return "local"
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=10)
+class LLMServer:
+    """One base model: an engine per replica; adapters are served through the same engine (lora_name)."""
+
+    def __init__(self, spec: dict, adapters: dict[str, str] | None = None):
+        from serving.api.backend import ModelBackend
+        from serving.engine import EngineConfig
+        from serving.engine.async_engine import AsyncEngine
+
+        self.spec = ModelSpec.model_validate(spec)
+        engine = AsyncEngine(EngineConfig(**self.spec.engine_kwargs()))
+        self.backend = ModelBackend(engine, self.spec.name, adapters)
+        self.replica = _replica_id()
+        log.info("model %s loaded on replica %s (max_model_len %d)", self.spec.name, self.replica,
+                 engine.max_model_len)
+
+    async def ready(self) -> dict:
+        return {"model": self.spec.name, "max_model_len": self.backend.engine.max_model_len,
+                "replica": self.replica}
+
+    async def models(self) -> list[dict]:
+        return self.backend.model_cards()
+
+    async def stats(self) -> dict:
+        s = self.backend.stats()
+        s["replica"] = self.replica
+        return s
+
+    async def stream(self, req: dict):
+        """Streaming: the accepted/error item, then engine deltas (see serving.api.backend)."""
+        async for item in self.backend.stream(req):
+            yield item
+
+    def check_health(self) -> None:
+        thread = getattr(self.backend.engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the engine loop thread died")
+
+    def __del__(self):
+        try:
+            self.backend.engine.shutdown()
+        except Exception:
+            pass
+
+
+@serve.deployment(max_ongoing_requests=64)
+class EmbeddingServer:
+    """Sentence embeddings (default all-MiniLM-L6-v2); a forward pass runs in a thread, off the event loop."""
+
+    def __init__(self, source: str | None = None, name: str | None = None):
+        from serving.embeddings import Embedder
+
+        self.embedder = Embedder(source)
+        self.name = name or self.embedder.name
+
+    async def ready(self) -> dict:
+        return {"model": self.name, "dim": self.embedder.dim}
+
+    async def embed(self, texts: list[str]):
+        import asyncio
+
+        def work():
+            return self.embedder.embed(texts), int(sum(self.embedder.count_tokens(texts)))
+
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+@serve.deployment
+@serve.ingress()
+class Gateway:
+    """The HTTP ingress: OpenAI routes, /health, /ready, /metrics. Holds handles to the model deployments."""
+
+    async def __init__(self, config: dict, llm_handles: dict, embed_handle=None):
+        from serving.api.gateway import GatewayCore
+        from serving.config import ServeConfig
+
+        self.core = GatewayCore(ServeConfig.model_validate(config), llm_handles, embed_handle,
+                                routers=_optional_routers())
+        self.core.start()
+
+    def __serve_build_asgi_app__(self):
+        from serving.api.openai_routes import create_app
+
+        return create_app(self.core)
+
+
+def _optional_routers() -> list:
+    """APIRouters of other areas, mounted when those areas are installed (RAG, fine-tuning)."""
+    import importlib
+
+    routers = []
+    for module in ("serving.rag.api", "training.api"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+        router = getattr(mod, "router", None)
+        if router is not None:
+            routers.append(router)
+    return routers
+
+
+def deployment_name(model: str) -> str:
+    return "llm-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)
+
+
+def _scaling(spec: ModelSpec) -> dict:
+    if spec.autoscaling is not None:
+        a = spec.autoscaling.model_dump(exclude_none=True)
+        return {"autoscaling_config": a}
+    return {"num_replicas": spec.num_replicas}
+
+
+def build_app(config: ServeConfig):
+    """The bound Ray Serve application for a validated config."""
+    llm = {}
+    for spec in config.models:
+        adapters = {a.name: a.source for a in config.adapters_for(spec.name)}
+        llm[spec.name] = LLMServer.options(
+            name=deployment_name(spec.name),
+            ray_actor_options=spec.ray_actor_options.to_ray(),
+            max_ongoing_requests=spec.max_num_seqs + spec.max_waiting + 8,
+            **_scaling(spec),
+        ).bind(spec.model_dump(), adapters)
+    embed = None
+    if config.embeddings.enabled:
+        e = config.embeddings
+        embed = EmbeddingServer.options(
+            name="embeddings", num_replicas=e.num_replicas, ray_actor_options=e.ray_actor_options.to_ray(),
+        ).bind(e.source, e.name)
+    s = config.server
+    return Gateway.options(
+        name="gateway", num_replicas=s.num_replicas, ray_actor_options=s.ray_actor_options.to_ray(),
+        max_ongoing_requests=4096,
+    ).bind(config.model_dump(), llm, embed)

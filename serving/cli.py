@@ -1,0 +1,179 @@
+"""`loraplex prepare`, `loraplex chat`, `loraplex serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from loraplex.cli import CLIError
+
+DEFAULT_CONFIG = "configs/serve.yaml"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prepare", help="convert the default model into the data directory (once)")
+    p.add_argument("--force", action="store_true", help="convert again even if already converted")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (runs the engine in this process)")
+    p.add_argument("--model", default=None, help="model name, HF id or folder (default: the default model)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory", default="256MiB")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    p.add_argument("--config", default=None,
+                   help=f"serve config YAML (default: {DEFAULT_CONFIG} if present, else built-in defaults)")
+    p.add_argument("--host", default=None, help="bind address (overrides server.host)")
+    p.add_argument("--port", type=int, default=None, help="port (overrides server.port)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address to join (default: $RAY_ADDRESS, else a local Ray instance)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_prepare(args) -> int:
+    from serving.models import ModelNotFoundError, embedding_model_path, prepare_default_model
+
+    try:
+        path = prepare_default_model(force=args.force)
+        emb = embedding_model_path()
+    except ModelNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"default model: {path}")
+    print(f"embedding model: {emb}")
+    return 0
+
+
+def load_serve_config(path: str | None, host: str | None = None, port: int | None = None):
+    from serving.config import ConfigError, load_config
+
+    if path is None and os.path.isfile(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if host is not None:
+        cfg.server.host = host
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise CLIError(f"--port must be 0..65535, got {port}")
+        cfg.server.port = port
+    return cfg
+
+
+def cmd_serve(args) -> int:
+    cfg = load_serve_config(args.config, args.host, args.port)
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    local = address is None
+    print(f"loraplex: starting Ray {'(local)' if local else 'at ' + address} ...", flush=True)
+    if local:
+        # address="local": always a fresh instance, never someone else's cluster on this machine.
+        ray.init(address="local", include_dashboard=False, configure_logging=True, logging_level="warning")
+    else:
+        ray.init(address=address)
+    stop = {"now": False}
+
+    def on_signal(signum, _frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        http = {"host": cfg.server.host, "port": cfg.server.port}
+        if cfg.server.request_timeout_s:
+            http["request_timeout_s"] = cfg.server.request_timeout_s
+        serve.start(http_options=http)
+        print(f"loraplex: deploying {', '.join(m.name for m in cfg.models)} ...", flush=True)
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"loraplex: serving http://{cfg.server.host}:{cfg.server.port}/v1 (Ctrl-C to stop)", flush=True)
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("loraplex: shutting down", flush=True)
+        try:
+            if local:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)  # leave the cluster's Serve instance to its owner
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import asyncio
+
+    from rich.console import Console
+    from rich.prompt import Prompt
+
+    from serving.engine import EngineConfig, SamplingParams
+    from serving.engine.async_engine import AsyncEngine
+    from serving.engine.errors import EngineError
+    from serving.models import DEFAULT_MODEL, ModelNotFoundError
+
+    console = Console()
+    model = args.model or DEFAULT_MODEL
+    with console.status(f"loading {model} ..."):
+        try:
+            engine = AsyncEngine(EngineConfig(model=model, kv_cache_memory=args.kv_cache_memory))
+        except (ModelNotFoundError, EngineError) as exc:
+            raise CLIError(str(exc)) from None
+    console.print(f"[bold]{engine.name}[/] — /reset clears the conversation, /exit quits")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+
+    async def reply(messages) -> str:
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = engine.max_model_len - len(ids)
+        if room <= 0:
+            raise CLIError("the conversation no longer fits the context; /reset it")
+        params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                                top_p=args.top_p).validate()
+        parts = []
+        async for out in engine.generate(ids, params):
+            for c in out.outputs:
+                parts.append(c.text)
+                console.print(c.text, end="", soft_wrap=True, highlight=False, markup=False)
+        console.print()
+        return "".join(parts)
+
+    try:
+        while True:
+            try:
+                user = Prompt.ask("[bold cyan]you[/]")
+            except EOFError:
+                break
+            if user.strip() in ("/exit", "/quit"):
+                break
+            if user.strip() == "/reset":
+                history.clear()
+                console.print("[dim]conversation cleared[/]")
+                continue
+            if not user.strip():
+                continue
+            history.append({"role": "user", "content": user})
+            console.print("[bold green]assistant[/] ", end="")
+            try:
+                answer = asyncio.run(reply(system + history))
+            except CLIError as exc:
+                console.print(f"[red]{exc}[/]")
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": answer})
+    finally:
+        engine.shutdown()
+    return 0
+

@@ -1,0 +1,225 @@
+"""The serve config (configs/serve.yaml): models, adapters, embeddings, host/port. Validated strictly.
+
+Every section forbids unknown keys, so a typo stops start-up with a message naming the key path and file
+(`configs/serve.yaml: models[0].max_waitng: unknown key`), instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serving.models import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+
+
+class ConfigError(ValueError):
+    """A serve config that cannot be used; the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Price(_Strict):
+    input_per_1m: float = Field(0.0, ge=0, description="USD per 1M prompt tokens")
+    output_per_1m: float = Field(0.0, ge=0, description="USD per 1M completion tokens")
+
+
+class ActorOptions(_Strict):
+    """The subset of Ray's actor options a replica may set (a typo here must not pass silently)."""
+
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory: int | None = Field(None, ge=0)
+    resources: dict[str, float] | None = None
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] | None = None
+
+    def to_ray(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ModelSpec(_Strict):
+    name: str = Field(..., description="the model id in the API")
+    source: str = Field(DEFAULT_MODEL, description="our default name, an HF id or a local folder")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    max_model_len: int | None = Field(None, gt=0)
+    kv_cache_memory: str | int = "1GiB"
+    block_size: int = Field(16, gt=0)
+    max_num_seqs: int = Field(64, gt=0, description="max running requests per replica")
+    max_num_batched_tokens: int = Field(1024, gt=0)
+    max_waiting: int = Field(1024, ge=0, description="queue limit per replica; beyond it: HTTP 429")
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_loras: int = Field(8, ge=0)
+    max_lora_rank: int = Field(64, gt=0)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    price: Price = Field(default_factory=Price)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v) or ":" in v:
+            raise ValueError(f"{v!r} is not a usable model name (letters, digits, . _ - /; no ':')")
+        return v
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _size(cls, v):
+        from serving.engine.config import parse_bytes
+
+        if parse_bytes(v) <= 0:
+            raise ValueError("must be a positive size")
+        return v
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments for serving.engine.EngineConfig."""
+        return dict(
+            model=self.source,
+            served_name=self.name,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+            kv_cache_memory=self.kv_cache_memory,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting=self.max_waiting,
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=self.seed,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+        )
+
+
+class AdapterSpec(_Strict):
+    name: str
+    base: str = Field(..., description="the name of a configured model")
+    source: str = Field(..., description="a PEFT adapter folder")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v) or ":" in v:
+            raise ValueError(f"{v!r} is not a usable adapter name")
+        return v
+
+
+class EmbeddingSpec(_Strict):
+    enabled: bool = True
+    name: str = DEFAULT_EMBEDDING_MODEL
+    source: str | None = Field(None, description="None: the bundled all-MiniLM-L6-v2")
+    num_replicas: int = Field(1, ge=1)
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0))
+    max_inputs: int = Field(2048, gt=0, description="most strings in one request")
+
+
+class ServerSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0))
+    num_replicas: int = Field(1, ge=1)
+    request_timeout_s: float | None = Field(None, gt=0)
+
+
+class ServeConfig(_Strict):
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name=DEFAULT_MODEL)], min_length=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    embeddings: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        names = [m.name for m in self.models]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"models[{i}].name: duplicate model name {n!r}")
+            if self.embeddings.enabled and n == self.embeddings.name:
+                raise ValueError(f"models[{i}].name: {n!r} is also the embedding model's name")
+        seen: set[tuple[str, str]] = set()
+        for i, a in enumerate(self.adapters):
+            if a.base not in names:
+                raise ValueError(f"adapters[{i}].base: {a.base!r} is not a configured model ({', '.join(names)})")
+            if (a.base, a.name) in seen:
+                raise ValueError(f"adapters[{i}].name: duplicate adapter {a.name!r} for {a.base!r}")
+            seen.add((a.base, a.name))
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+    def adapters_for(self, base: str) -> list[AdapterSpec]:
+        return [a for a in self.adapters if a.base == base]
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in str(part):
+            continue  # pydantic's validator/union markers, not keys
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = _loc(tuple(err["loc"]))
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where + ': ' if where else ''}{msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> ServeConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> ServeConfig:
+    """Read and validate a serve config; None gives the defaults (the default model on 127.0.0.1:8000)."""
+    import yaml
+
+    if path is None:
+        return ServeConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,492 @@
+"""End to end: the official `openai` client against a real `loraplex serve` process on 127.0.0.1.
+
+One server (Ray Serve, local Ray) is started for the whole module: the default model, a second deployment of
+it with a one-slot queue (for 429s), and the embedding model. Greedy outputs are checked against HF
+transformers, embeddings against serving.embeddings.Embedder in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+MODEL = "smollm2-135m-instruct"
+TINY = "smollm2-tiny-queue"
+EMB = "all-MiniLM-L6-v2"
+
+CONFIG = f"""
+server: {{host: 127.0.0.1, port: 8000}}
+models:
+  - name: {MODEL}
+    max_model_len: 2048
+    kv_cache_memory: 256MiB
+    max_num_seqs: 32
+    ray_actor_options: {{num_cpus: 0}}
+  - name: {TINY}
+    source: {MODEL}
+    max_model_len: 1024
+    kv_cache_memory: 64MiB
+    max_num_seqs: 1
+    max_waiting: 1
+    enable_prefix_caching: false
+    ray_actor_options: {{num_cpus: 0}}
+embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cfg = tmp / "serve.yaml"
+        cfg.write_text(CONFIG)
+        self.log = open(tmp / "serve.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplex.cli", "serve", "--config", str(cfg), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
+        )
+        self.ready_answers: list[tuple[int, dict | None]] = []  # what /ready said while starting
+
+    def wait_ready(self, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                r = httpx.get(self.base + "/ready", timeout=5)
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
+                self.ready_answers.append((r.status_code, body))
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready in {timeout}s: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return open(self.log.name).read()[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """HF transformers on the same converted folder: the independent reference for greedy decoding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving.models import resolve_model
+
+    path = resolve_model(MODEL)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    class Ref:
+        tokenizer = tok
+
+        def chat_ids(self, messages):
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        def greedy(self, ids, n):
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+            new = out[0, len(ids):].tolist()
+            return new, tok.decode(new, skip_special_tokens=True)
+
+        def first_logprobs(self, ids):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1]
+            return torch.log_softmax(logits.float(), -1)
+
+    return Ref()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} {labels} not in /metrics"
+    return total
+
+
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# ---- readiness, models ------------------------------------------------------------------------------
+def test_health_ready_and_not_ready_while_loading(server):
+    assert httpx.get(server.base + "/health").json() == {"status": "ok"}
+    r = httpx.get(server.base + "/ready")
+    assert r.status_code == 200 and set(r.json()["models"]) == {MODEL, TINY, EMB}
+    # While the models loaded, our gateway answered 503 in OpenAI's error shape.
+    not_ready = [b for s, b in server.ready_answers if s == 503 and b and "error" in b]
+    assert not_ready, server.ready_answers[:5]
+    assert not_ready[0]["error"]["code"] == "not_ready"
+
+
+def test_models_list_and_retrieve(client):
+    ids = {m.id: m for m in client.models.list().data}
+    assert {MODEL, TINY, EMB} <= set(ids)
+    assert ids[MODEL].object == "model" and ids[MODEL].owned_by == "loraplex"
+    assert getattr(ids[MODEL], "parent", "missing") is None
+    assert client.models.retrieve(TINY).id == TINY
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+
+
+# ---- chat -------------------------------------------------------------------------------------------
+def test_chat_greedy_matches_transformers(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    ids = reference.chat_ids(HELLO)
+    new, text = reference.greedy(ids, 12)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(new)
+    assert r.usage.total_tokens == len(ids) + len(new)
+    eos = reference.tokenizer.eos_token_id
+    assert r.choices[0].finish_reason == ("stop" if new[-1] == eos else "length")
+
+
+def test_chat_stream_with_usage(client, reference):
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    _, text = reference.greedy(reference.chat_ids(HELLO), 12)
+    assert content == text
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens > 0
+    assert last.usage.prompt_tokens == len(reference.chat_ids(HELLO))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["length"], ["stop"])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_stream_raw_sse_ends_with_done(server):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_n_seed_stop_and_max_completion_tokens(client, reference):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Write a short poem about rain."}],
+              max_completion_tokens=10, temperature=1.0, top_p=0.95, seed=1234)
+    a = client.chat.completions.create(n=2, **kw)
+    b = client.chat.completions.create(n=2, **kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+    assert a.usage.completion_tokens <= 20
+    assert all(c.finish_reason in ("stop", "length") for c in a.choices)
+    # stop: cut the greedy answer at a word it contains
+    _, text = reference.greedy(reference.chat_ids(HELLO), 12)
+    word = text.split()[2]
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0, stop=[word],
+                                       presence_penalty=0.0, frequency_penalty=0.0, user="tester")
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == text[: text.index(word)]
+
+
+def test_chat_logprobs_match_transformers(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 3
+    assert all(len(t.top_logprobs) == 3 for t in content)
+    ref = reference.first_logprobs(reference.chat_ids(HELLO))
+    top = ref.topk(3)
+    assert content[0].token == reference.tokenizer.decode([int(top.indices[0])])
+    assert content[0].logprob == pytest.approx(float(top.values[0]), abs=2e-3)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=2e-3)
+    assert content[0].bytes == list(content[0].token.encode())
+
+
+# ---- completions ------------------------------------------------------------------------------------
+def test_completions_list_prompt_echo_logprobs(client, reference):
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    for prompt, choice in zip(prompts, r.choices):
+        ids = reference.tokenizer(prompt)["input_ids"]
+        _, text = reference.greedy(ids, 5)
+        assert choice.text == text
+        lp = choice.logprobs
+        assert "".join(lp.tokens) == choice.text
+        assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    prompt_total = sum(len(reference.tokenizer(p)["input_ids"]) for p in prompts)
+    assert r.usage.prompt_tokens == prompt_total and r.usage.completion_tokens == 10
+
+    e = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=3, temperature=0, echo=True)
+    assert e.choices[0].text.startswith(prompts[0]) and len(e.choices[0].text) > len(prompts[0])
+
+    ids = reference.tokenizer(prompts[0])["input_ids"]
+    t = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
+    assert t.choices[0].text == r.choices[0].text  # token-id prompts are the same prompt
+
+
+def test_completions_stream(client):
+    stream = client.completions.create(model=MODEL, prompt=["Once upon a time", "Hello"], max_tokens=4,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    per = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c.choices:
+            per[ch.index] += ch.text
+    assert per[0] and per[1]
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+# ---- embeddings -------------------------------------------------------------------------------------
+def test_embeddings_float_and_base64(server, client):
+    from serving.embeddings import Embedder
+
+    texts = ["The cat sat on the mat.", "Paris is the capital of France."]
+    ref = Embedder()
+    expect = ref.embed(texts)
+    r = client.embeddings.create(model=EMB, input=texts)  # the client asks for base64 by default
+    got = np.array([d.embedding for d in r.data])
+    assert got.shape == (2, ref.dim)
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+    assert r.usage.prompt_tokens == sum(ref.count_tokens(texts))
+    f = client.embeddings.create(model=EMB, input=texts[0], encoding_format="float")
+    np.testing.assert_allclose(np.array(f.data[0].embedding), expect[0], atol=1e-5)
+    raw = httpx.post(server.base + "/v1/embeddings", json={"model": EMB, "input": "x", "encoding_format": "float"})
+    assert isinstance(raw.json()["data"][0]["embedding"], list)
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+def _err(exc_info):
+    return exc_info.value.status_code, exc_info.value.body
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(temperature=3.0), "temperature"),
+    (dict(n=0), "n"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_logprobs=30, logprobs=True), "top_logprobs"),
+    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(stream_options={"include_usage": True}), "stream_options"),
+    (dict(presence_penalty=5), "presence_penalty"),
+    (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+    (dict(messages=[]), "messages"),
+    (dict(logit_bias={"1": 5}), "logit_bias"),
+])
+def test_chat_invalid_fields_are_400_naming_the_field(client, kwargs, param):
+    args = dict(model=MODEL, messages=HELLO, max_tokens=2)
+    args.update(kwargs)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    status, body = _err(e)
+    assert status == 400 and body["param"] == param and body["type"] == "invalid_request_error"
+    assert set(body) == {"message", "type", "param", "code"}
+
+
+def test_error_shapes_and_statuses(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x")
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-model", input="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x " * 3000, max_tokens=1)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="def f(", suffix="return 1")
+    assert e.value.body["param"] == "suffix"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[10**9], max_tokens=1)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=EMB, input="x", encoding_format="int8")
+    assert e.value.body["param"] == "encoding_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=EMB, input=["ok", ""])
+    assert e.value.body["param"] == "input"
+    # malformed bodies and unknown routes: never a 500
+    r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.base + "/v1/chat/completions", json={"messages": HELLO})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.get(server.base + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_queue_full_is_429_with_retry_after(server):
+    """TINY runs one request and queues one; a third concurrent request is refused with 429."""
+    body = {"model": TINY, "messages": HELLO, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    streams, results = [], []
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.base, timeout=120) as http:
+            async def long_one():
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    results.append(r.status_code)
+                    async for _ in r.aiter_lines():
+                        pass
+
+            for _ in range(2):
+                streams.append(asyncio.create_task(long_one()))
+                await asyncio.sleep(1.5)  # the first is running, the second is waiting
+            r = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            for t in streams:
+                t.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            return r
+
+    r = asyncio.run(run())
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "queue_full"
+
+
+# ---- concurrency and disconnects -----------------------------------------------------------------------
+def test_32_concurrent_streaming_clients(server, reference):
+    aclient = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    prompts = [f"Count from {i} to {i + 5}." for i in range(32)]
+
+    async def one(p):
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0.8, seed=7,
+            stream=True, stream_options={"include_usage": True})
+        text, usage, finish = "", None, None
+        async for c in stream:
+            if c.choices:
+                text += c.choices[0].delta.content or ""
+                finish = c.choices[0].finish_reason or finish
+            if c.usage:
+                usage = c.usage
+        return p, text, usage, finish
+
+    async def all_():
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(all_())
+    assert len(results) == 32
+    for p, text, usage, finish in results:
+        assert usage is not None and finish in ("stop", "length")
+        assert usage.prompt_tokens == len(reference.chat_ids([{"role": "user", "content": p}]))
+        assert 1 <= usage.completion_tokens <= 8
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        if finish == "length":
+            assert usage.completion_tokens == 8
+
+
+def test_disconnect_aborts_and_frees_kv_blocks(server):
+    def scrape():
+        return httpx.get(server.base + "/metrics").text
+
+    def wait_for(pred, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = scrape()
+            if pred(text):
+                return text
+            time.sleep(0.3)
+        raise AssertionError(f"condition not reached; metrics:\n{text[-3000:]}")
+
+    idle = lambda t: metric(t, "loraplex_num_requests_running", model=MODEL) == 0  # noqa: E731
+    before = wait_for(idle)
+    total = metric(before, "loraplex_kv_blocks_total", model=MODEL)
+    aborted_before = _aborted(before)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story. " * 20}],
+            "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert all(g == "" or g.startswith("data: ") for g in got)
+        during = scrape()
+        assert metric(during, "loraplex_num_requests_running", model=MODEL) == 1
+        assert metric(during, "loraplex_kv_blocks_free", model=MODEL) < total
+    # the client is gone: the request must be aborted and its blocks returned
+    after = wait_for(lambda t: idle(t) and metric(t, "loraplex_kv_blocks_free", model=MODEL) == total)
+    assert metric(after, "loraplex_kv_cache_usage_ratio", model=MODEL) == 0
+    wait_for(lambda t: _aborted(t) == aborted_before + 1)
+
+
+def _aborted(text: str) -> float:
+    m = [ln for ln in text.splitlines() if ln.startswith("loraplex_requests_total") and 'status="499"' in ln
+         and f'model="{MODEL}"' in ln]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in m)
+
+
+def test_metrics_labelled_by_model(server):
+    text = httpx.get(server.base + "/metrics").text
+    for name in ("loraplex_time_to_first_token_seconds_count", "loraplex_inter_token_latency_seconds_count",
+                 "loraplex_e2e_request_latency_seconds_count", "loraplex_prompt_tokens_total",
+                 "loraplex_generation_tokens_total"):
+        assert metric(text, name, model=MODEL, adapter="") > 0, name
+    assert metric(text, "loraplex_requests_total", model=MODEL, status="200") >= 32
+    assert metric(text, "loraplex_requests_total", model=MODEL, status="400") >= 1
+    assert metric(text, "loraplex_requests_total", model=TINY, status="429") >= 1
+    assert re.search(r'^loraplex_num_requests_waiting\{model="smollm2-135m-instruct"\} ', text, re.M)
+    assert 0 <= metric(text, "loraplex_kv_cache_usage_ratio", model=MODEL) <= 1
