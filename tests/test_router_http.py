@@ -190,5 +190,5 @@ def test_streamed_requests_teach_the_tracker_the_deployments_speed(gw, servers):
     s = gw.tracker.get("small")
     spec = servers["small"].sim.spec
     assert s.samples == 6 and s.inflight == 0
-    assert spec.tpot_s * 0.9 <= s.tpot_s <= spec.tpot_s * 4  # sleeps set the floor; HTTP adds a little
+    assert spec.tpot_s * 0.9 <= s.tpot_s <= spec.tpot_s + 0.05  # sleeps set the floor; HTTP adds a little
     assert s.ttft_s >= spec.ttft_base_s + 50 / spec.prefill_tok_s

@@ -83,3 +83,42 @@ def test_predictions_use_measured_then_prior_then_default_and_local_inflight():
     p = predict(cand, tr.get("m"), prompt_tokens=1000, max_tokens=11)
     service = tr.get("m").service_s
     assert p.queue_s == pytest.approx((2 + 1) / 4 * service)
+
+
+def test_poll_stats_feeds_the_tracker_and_marks_unreachable_deployments_down():
+    import asyncio
+
+    from serving.router.signals import poll_stats
+
+    tr = SignalTracker(error_cooldown_s=60)
+    calls = {"up": 0, "flaky": 0}
+
+    async def up():
+        calls["up"] += 1
+        return {"num_running": calls["up"], "num_waiting": 0}
+
+    async def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            raise ConnectionError("refused")
+        return {"num_running": 1}
+
+    async def main():
+        stop = asyncio.Event()
+        task = asyncio.create_task(poll_stats(tr, {"up": up, "flaky": flaky}, interval_s=0.01, stop=stop))
+        async def until(cond):
+            for _ in range(5000):
+                if cond():
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError("timed out")
+
+        await until(lambda: tr.get("flaky").down_reason is not None)
+        assert not tr.get("flaky").available and "stats poll failed" in tr.get("flaky").down_reason
+        await until(lambda: calls["flaky"] >= 3 and tr.get("flaky").num_running == 1)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert tr.get("flaky").available  # a later successful poll brought it back
+    assert tr.get("up").num_running == calls["up"] >= 3

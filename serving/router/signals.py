@@ -227,3 +227,32 @@ class SignalTracker:
         )
 
     __call__ = get
+
+
+async def poll_stats(tracker: SignalTracker, fetchers: dict, interval_s: float = 0.5, stop=None) -> None:
+    """Poll each deployment's stats every `interval_s` until `stop` (an asyncio.Event) is set.
+
+    `fetchers` maps a deployment name to an async function returning its stats dict (e.g. a Ray Serve
+    handle's `stats.remote()`); a failing poll marks the deployment down for the tracker's error cooldown.
+    """
+    import asyncio
+
+    async def one(name, fetch):
+        try:
+            tracker.observe_stats(name, await asyncio.wait_for(fetch(), timeout=max(interval_s, 1.0)))
+        except Exception as exc:  # an unreachable deployment is down until a later poll or request succeeds
+            tracker.mark_failed(name, f"stats poll failed: {type(exc).__name__}")
+        else:
+            st = tracker._state(name)
+            if st.down_reason and st.down_reason.startswith("stats poll failed"):
+                tracker.mark_ok(name)
+
+    while stop is None or not stop.is_set():
+        await asyncio.gather(*(one(n, f) for n, f in fetchers.items()))
+        if stop is None:
+            await asyncio.sleep(interval_s)
+        else:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except asyncio.TimeoutError:
+                pass
