@@ -67,3 +67,23 @@ def test_load_routes_from_yaml_file(tmp_path):
         load_routes(path)
     with pytest.raises(RouteConfigError, match="does not exist"):
         load_routes(tmp_path / "missing.yaml")
+
+
+def test_candidates_take_price_and_context_from_served_models():
+    models = {"small": {"input_per_1m": 0.1, "output_per_1m": 0.4, "context_length": 4096},
+              "big": {"input_per_1m": 1.0, "output_per_1m": 4.0, "context_length": 32768}}
+    routes = parse_routes({"auto": {"candidates": [
+        {"model": "small", "quality": 0.5},
+        {"model": "small:sql", "quality": 0.6, "input_per_1m": 0.2, "output_per_1m": 0.5},  # an adapter
+        {"model": "big", "quality": 0.9, "gpu_hour_usd": 3.6, "input_tok_s": 1000, "output_tok_s": 100,
+         "context_length": 8192},
+    ]}}, models=models)
+    small, adapter, big = routes["auto"].candidates
+    assert small.price == Price(0.1, 0.4) and small.context_length == 4096
+    assert adapter.price == Price(0.2, 0.5) and adapter.context_length == 4096
+    assert adapter.deployment_name == "small"  # an adapter shares its base model's engine and signals
+    assert big.price == Price.from_gpu_hour(3.6, input_tok_s=1000, output_tok_s=100) and big.context_length == 8192
+    with pytest.raises(RouteConfigError, match=r"routes.auto.candidates\[0\].model: 'tiny' is not a served model"):
+        parse_routes({"auto": {"candidates": [{"model": "tiny", "quality": 0.5}]}}, models=models)
+    with pytest.raises(RouteConfigError, match="small is both a route and a served model"):
+        parse_routes({"small": {"candidates": [{"model": "big", "quality": 0.5}]}}, models=models)

@@ -219,3 +219,16 @@ def test_awaitable_stream_openers_and_empty_streams():
         return stream.model, [c async for c in stream]
 
     assert run(consume()) == ("b", [])
+
+
+def test_api_shaped_and_connection_errors_are_classified():
+    from serving.api.errors import APIError
+    from serving.router import classify
+
+    assert isinstance(classify(APIError(429, "busy", retry_after=3)), CandidateOverloaded)
+    assert classify(APIError(429, "busy", retry_after=3)).retry_after == 3
+    assert isinstance(classify(APIError(400, "long", code="context_length_exceeded")), CandidateContextOverflow)
+    assert isinstance(classify(APIError(503, "loading", code="model_not_ready")), CandidateServerError)
+    assert classify(APIError(400, "bad temperature", param="temperature")) is None
+    assert isinstance(classify(ConnectionResetError("gone")), CandidateServerError)
+    assert classify(ValueError("a bug")) is None

@@ -8,7 +8,8 @@
         weights: {cost: 1, latency: 1, quality: 1}   # for balanced
         candidates:
           - model: smollm2-135m-instruct  # the name sent to the deployment (a model or an adapter)
-            deployment: smollm2           # whose live signals apply (default: model); adapters share a base
+            deployment: smollm2           # whose live signals apply (default: the model, or the base of
+                                          # a 'base:adapter' name: adapters share their base's engine)
             input_per_1m: 0.02            # USD per 1M prompt tokens ...
             output_per_1m: 0.08           # ... and per 1M completion tokens
             quality: 0.4
@@ -113,7 +114,8 @@ class CandidateConfig(_Strict):
 
     @property
     def deployment_name(self) -> str:
-        return self.deployment or self.model
+        """Whose signals apply: `deployment`, else the base of a 'base:adapter' name (adapters share it)."""
+        return self.deployment or self.model.partition(":")[0]
 
     @property
     def price(self) -> Price:
@@ -178,13 +180,51 @@ def parse_route(name: str, data: Any) -> RouteConfig:
         raise RouteConfigError(_format(exc, f"routes.{name}")) from None
 
 
-def parse_routes(data: Any) -> dict[str, RouteConfig]:
-    """`{"routes": {name: route}}` or `{name: route}` -> {name: RouteConfig}, with errors naming the field."""
+_PRICE_KEYS = ("input_per_1m", "output_per_1m", "gpu_hour_usd", "input_tok_s", "output_tok_s", "utilization")
+
+
+def _with_model_defaults(name: str, data: Any, models: dict[str, dict]) -> Any:
+    """Fill each candidate's missing price / context_length from the served model it names."""
+    if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+        return data
+    out = []
+    for i, cand in enumerate(data["candidates"]):
+        if isinstance(cand, dict) and isinstance(cand.get("model"), str):
+            model = cand["model"]
+            known = models.get(model) or models.get(model.partition(":")[0])
+            if known is None:
+                raise RouteConfigError(
+                    f"routes.{name}.candidates[{i}].model: {model!r} is not a served model or adapter "
+                    f"(served: {', '.join(sorted(models)) or 'none'})"
+                )
+            fill = {k: v for k, v in known.items() if k not in cand and v is not None}
+            if any(k in cand for k in _PRICE_KEYS):  # the candidate prices itself: take no price from the model
+                fill = {k: v for k, v in fill.items() if k not in _PRICE_KEYS}
+            cand = {**fill, **cand}
+        out.append(cand)
+    return {**data, "candidates": out}
+
+
+def parse_routes(data: Any, models: dict[str, dict] | None = None) -> dict[str, RouteConfig]:
+    """`{"routes": {name: route}}` or `{name: route}` -> {name: RouteConfig}, with errors naming the field.
+
+    `models` (served model name -> e.g. {"input_per_1m", "output_per_1m", "context_length"}), when given,
+    rejects candidates that name no served model and fills their missing price and context length.
+    """
     if isinstance(data, dict) and set(data) == {"routes"}:
         data = data["routes"]
     if not isinstance(data, dict) or not data:
         raise RouteConfigError("routes: expected a non-empty mapping of route name -> route")
-    return {str(name): parse_route(str(name), route) for name, route in data.items()}
+    routes = {}
+    for name, route in data.items():
+        if models is not None:
+            route = _with_model_defaults(str(name), route, models)
+        routes[str(name)] = parse_route(str(name), route)
+    if models is not None:
+        clash = sorted(set(routes) & set(models))
+        if clash:
+            raise RouteConfigError(f"routes: {', '.join(clash)} is both a route and a served model name")
+    return routes
 
 
 def load_routes(path: str | Path) -> dict[str, RouteConfig]:

@@ -143,11 +143,21 @@ def classify(exc: BaseException) -> CandidateError | None:
     try:
         import httpx
     except ImportError:  # pragma: no cover
-        return None
-    if isinstance(exc, httpx.HTTPStatusError):
+        httpx = None
+    if httpx is not None and isinstance(exc, httpx.HTTPStatusError):
         return from_http_status(exc.response.status_code, _error_text(exc.response), exc.response.headers)
-    if isinstance(exc, (httpx.TransportError, httpx.TimeoutException)):
+    if httpx is not None and isinstance(exc, (httpx.TransportError, httpx.TimeoutException)):
         return CandidateServerError(f"{type(exc).__name__}: {exc}")
+    status = getattr(exc, "status", None)  # OpenAI-shaped API errors (serving.api.errors.APIError and alike)
+    if isinstance(status, int) and not isinstance(status, bool):
+        message = str(getattr(exc, "message", exc))
+        if status == 429:
+            return CandidateOverloaded(message, float(getattr(exc, "retry_after", None) or 1.0))
+        if getattr(exc, "code", None) == "context_length_exceeded":
+            return CandidateContextOverflow(message)
+        return CandidateServerError(f"HTTP {status}: {message}") if status >= 500 else None
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.startswith("ray."):
+        return CandidateServerError(f"{type(exc).__name__}: {exc}")  # a dead replica or a lost connection
     return None
 
 
