@@ -95,6 +95,9 @@ def not_found_model(model: str, known: list[str]) -> APIError:
     )
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "ContentPart", "StreamOptions"}
+
+
 def field_path(loc: tuple | list) -> str:
     """('body', 'messages', 0, 'role') -> 'messages[0].role' (OpenAI's `param` style)."""
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
@@ -102,8 +105,8 @@ def field_path(loc: tuple | list) -> str:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in str(p) or str(p).startswith(("function-", "tagged-union")):
-            continue  # pydantic's union/validator markers
+        elif "[" in str(p) or p in _UNION_TAGS or str(p).startswith(("function-", "tagged-union")):
+            continue  # pydantic's union-member / validator markers, not fields
         else:
             out += f".{p}" if out else str(p)
     return out
@@ -115,7 +118,7 @@ def validation_error(errors: list[dict]) -> APIError:
         return APIError(400, "Invalid request.")
     first = errors[0]
     param = None if first.get("type") == "json_invalid" else (field_path(first.get("loc", ())) or None)
-    msgs = []
+    msgs: list[str] = []
     for err in errors[:5]:
         where = field_path(err.get("loc", ()))
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -124,7 +127,9 @@ def validation_error(errors: list[dict]) -> APIError:
         elif err.get("type") == "json_invalid":
             msgs.append("the request body is not valid JSON")
             continue
-        msgs.append(f"'{where}': {msg}" if where else msg)
+        line = f"'{where}': {msg}" if where else msg
+        if line not in msgs:
+            msgs.append(line)
     return APIError(400, "Invalid request: " + "; ".join(msgs), param=param, code="invalid_value")
 
 

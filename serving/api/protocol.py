@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.api.errors import APIError
 
@@ -201,12 +201,12 @@ class EmbeddingRequest(_Req):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _texts_only(self):
-        inp = self.input
+    @field_validator("input")
+    @classmethod
+    def _texts_only(cls, inp):
         if isinstance(inp, list) and inp and not all(isinstance(x, str) for x in inp):
             raise ValueError("token-id input is not supported by this server: send text")
-        return self
+        return inp
 
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else list(self.input)

@@ -1,0 +1,110 @@
+"""The serve config: configs/serve.yaml loads and documents every key; mistakes name the key and the file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from serving.config import (
+    ActorOptions,
+    AdapterSpec,
+    Autoscaling,
+    ConfigError,
+    EmbeddingSpec,
+    ModelSpec,
+    ServerSpec,
+    load_config,
+    parse_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "configs" / "serve.yaml"
+
+
+def test_shipped_config_serves_the_default_model_on_8000():
+    cfg = load_config(SHIPPED)
+    assert [m.name for m in cfg.models] == ["smollm2-135m-instruct"]
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8000)
+    assert cfg.embeddings.enabled and cfg.embeddings.name == "all-MiniLM-L6-v2"
+
+
+@pytest.mark.parametrize("section", [ServerSpec, ModelSpec, EmbeddingSpec, AdapterSpec, Autoscaling,
+                                     ActorOptions])
+def test_shipped_config_documents_every_key(section):
+    text = SHIPPED.read_text()
+    for key in section.model_fields:
+        assert re.search(rf"(^|[\s{{,]){key}:", text, re.M), f"{section.__name__}.{key} is not in {SHIPPED.name}"
+
+
+def test_engine_kwargs_are_accepted_by_the_engine_config():
+    from serving.engine import EngineConfig
+
+    spec = load_config(SHIPPED).models[0]
+    ec = EngineConfig(**spec.engine_kwargs())
+    assert ec.name == spec.name and ec.max_waiting == spec.max_waiting and ec.kv_cache_bytes == 2**30
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "serve.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("models:\n  - name: a\n    max_waitng: 3\n", r"models\[0\]\.max_waitng: unknown key"),
+    ("models:\n  - name: a\n    dtype: float8\n", r"models\[0\]\.dtype: Input should be"),
+    ("models:\n  - name: a\n    kv_cache_memory: lots\n", r"models\[0\]\.kv_cache_memory: .*not a size"),
+    ("models:\n  - name: a\n  - name: a\n", r"models\[1\]\.name: duplicate model name 'a'"),
+    ("models:\n  - name: 'a:b'\n", r"models\[0\]\.name: .*not a usable model name"),
+    ("models:\n  - name: a\n    ray_actor_options: {num_gpu: 1}\n", r"models\[0\]\.ray_actor_options\.num_gpu: unknown"),
+    ("models:\n  - name: a\n    autoscaling: {min_replicas: 3, max_replicas: 2}\n",
+     r"models\[0\]\.autoscaling: min_replicas must be <= max_replicas"),
+    ("models:\n  - name: a\nadapters:\n  - {name: x, base: b, source: /tmp/x}\n",
+     r"adapters\[0\]\.base: 'b' is not a configured model"),
+    ("server: {port: 70000}\n", r"server\.port: Input should be less than or equal to 65535"),
+    ("models: []\n", r"models: List should have at least 1 item"),
+    ("modles: []\n", r"modles: unknown key"),
+    ("models:\n  - source: x\n", r"models\[0\]\.name: Field required"),
+    ("- just\n- a list\n", r"the top level must be a mapping"),
+    ("models: [\n", r"not valid YAML \(line \d+, column \d+\)"),
+])
+def test_mistakes_name_the_key_and_the_file(tmp_path, yaml_text, expected):
+    path = _write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)), msg
+    assert re.search(expected, msg), msg
+
+
+def test_missing_file_and_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    cfg = parse_config({})
+    assert cfg.models[0].name == "smollm2-135m-instruct" and cfg.server.port == 8000
+
+
+def test_build_app_takes_replicas_autoscaling_and_actor_options_from_the_config():
+    from serving.app import build_app
+
+    cfg = parse_config({
+        "server": {"num_replicas": 2},
+        "models": [
+            {"name": "a", "num_replicas": 3, "ray_actor_options": {"num_gpus": 1, "num_cpus": 2}},
+            {"name": "b", "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}},
+        ],
+        "adapters": [{"name": "sql", "base": "a", "source": "/tmp/sql"}],
+        "embeddings": {"enabled": False},
+    })
+    gateway = build_app(cfg)._bound_deployment
+    assert gateway.name == "gateway" and gateway._deployment_config.num_replicas == 2
+    config_arg, llm, embed = gateway.init_args
+    assert embed is None and set(llm) == {"a", "b"}
+    a, b = llm["a"]._bound_deployment, llm["b"]._bound_deployment
+    assert a.name == "llm-a" and a._deployment_config.num_replicas == 3
+    assert a.ray_actor_options["num_gpus"] == 1 and a.ray_actor_options["num_cpus"] == 2
+    assert a.init_args[1] == {"sql": "/tmp/sql"}
+    auto = b._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 8)
