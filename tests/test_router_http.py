@@ -56,7 +56,7 @@ def make_gateway(router: Router, deployments: HttpDeployments) -> FastAPI:
                 except StreamFailedAfterFirstChunk as exc:
                     yield f"data: {json.dumps(exc.to_openai())}\n\n"
                     return
-                router.observe(stream.choice, decision.route, ttft_s=stream.ttft_s, prompt_tokens=prompt_tokens,
+                router.observe(stream, ttft_s=stream.ttft_s, prompt_tokens=prompt_tokens,
                                completion_tokens=stream.chunks, e2e_s=time.monotonic() - t0)
                 yield "data: [DONE]\n\n"
 

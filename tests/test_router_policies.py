@@ -140,7 +140,7 @@ def test_quality_floor_from_route_and_per_request():
     assert [c.model for c in d.choices] == ["mid", "big"]
     assert ("small", "quality 0.5 < floor 0.6") in d.excluded
     assert r.decide("auto", 100, 10, quality_floor=0.8).primary.model == "big"
-    assert r.decide("auto", 100, 10, quality_floor=0.0).primary.model == "small"  # an explicit 0 lowers it
+    assert r.decide("auto", 100, 10, quality_floor=0.0).primary.model == "mid"  # a request cannot lower it
     with pytest.raises(RouteRequestError, match="quality >= 0.95") as info:
         r.decide("auto", 100, 10, quality_floor=0.95)
     assert info.value.status == 400

@@ -162,7 +162,8 @@ class Router:
             raise RouteRequestError(
                 f"policy 'slo' needs an SLO: route {route_name!r} has none, send X-Latency-SLO-Ms", "X-Latency-SLO-Ms"
             )
-        floor = route.quality_floor if quality_floor is None else quality_floor
+        floors = [f for f in (route.quality_floor, quality_floor) if f is not None]
+        floor = max(floors) if floors else None  # a request may raise the route's floor, never lower it
 
         eligible: list[Prediction] = []
         excluded: list[tuple[str, str]] = []
@@ -322,15 +323,16 @@ class Router:
         raise self._exhausted(decision, attempts)
 
     def observe(
-        self, model_or_choice: str | Choice, route: str, *, ttft_s: float, prompt_tokens: int,
+        self, answered: RoutedResult | RoutedStream | Choice | str, *, ttft_s: float, prompt_tokens: int,
         completion_tokens: int, e2e_s: float | None = None, queue_s: float = 0.0,
     ) -> None:
-        """Feed a finished request's timings to the signals of the deployment behind `model` in `route`."""
-        if isinstance(model_or_choice, Choice):
-            dep = model_or_choice.candidate.deployment_name
+        """Feed a finished request's timings to the signals of the deployment that answered it (a routed
+        result or stream, a Choice, or a model name; adapters count for their base model)."""
+        choice = getattr(answered, "choice", answered)
+        if isinstance(choice, Choice):
+            dep = choice.candidate.deployment_name
         else:
-            dep = next((c.deployment_name for c in self.routes[route].candidates if c.model == model_or_choice),
-                       model_or_choice)
+            dep = str(choice).partition(":")[0]
         self._tracker("observe_request", dep, ttft_s=ttft_s, prompt_tokens=prompt_tokens,
                       completion_tokens=completion_tokens, e2e_s=e2e_s, queue_s=queue_s)
 
