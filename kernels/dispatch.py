@@ -82,20 +82,30 @@ def _impl(kind: str, device: torch.device):
     return importlib.import_module(f"kernels.{prefix}_{kind}")
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def _hint(**hints):
+    """Host-side maxima the caller already knows (saves Triton a device sync); the references ignore them."""
+    return {k: v for k, v in hints.items() if v is not None}
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=None):
     """q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks]; seq_lens [S]."""
-    return _impl("attention", q.device).paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    impl = _impl("attention", q.device)
+    extra = _hint(max_seq_len=max_seq_len) if impl.__name__ == "kernels.triton_attention" else {}
+    return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, **extra)
 
 
-def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal=True):
+def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal=True, max_seqlen_q=None):
     """Packed varlen attention: q [total_q, Hq, D], k/v [total_k, Hkv, D]; causal queries are the last positions."""
-    return _impl("attention", q.device).prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    impl = _impl("attention", q.device)
+    extra = _hint(max_seqlen_q=max_seqlen_q) if impl.__name__ == "kernels.triton_attention" else {}
+    return impl.prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, **extra)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale):
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q=None):
     """Chunked prefill / prefix hits: queries are each sequence's last positions, their KV already cached."""
-    return _impl("attention", q.device).paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                                                seq_lens, scale)
+    impl = _impl("attention", q.device)
+    extra = _hint(max_seqlen_q=max_seqlen_q) if impl.__name__ == "kernels.triton_attention" else {}
+    return impl.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, **extra)
 
 
 def lora_shrink(x, lora_a, token_lora, scale=1.0):

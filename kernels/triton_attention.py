@@ -22,6 +22,8 @@ def _check_head_dims(q: torch.Tensor, k: torch.Tensor, name: str) -> int:
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"{name}: q head_dim {d} != kv head_dim {k.shape[-1]}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"{name}: q is {q.dtype} but the keys/values are {k.dtype}")
     if hq % hkv:
         raise ValueError(f"{name}: num_q_heads {hq} is not a multiple of num_kv_heads {hkv}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:

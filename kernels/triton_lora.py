@@ -95,6 +95,8 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
     num_slots, rank = lora_a.shape[0], lora_a.shape[1]
     if lora_a.shape[2] != hidden:
         raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={hidden}")
+    if lora_a.dtype != x.dtype:
+        raise ValueError(f"lora_shrink: x is {x.dtype} but lora_a is {lora_a.dtype}")
     if x.stride(1) != 1 or lora_a.stride(2) != 1:
         raise ValueError("lora_shrink: x and lora_a must be contiguous along H_in")
     t = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
@@ -121,6 +123,8 @@ def lora_expand(t, lora_b, token_lora, y, segments=None):
     if lora_b.shape[2] != rank or y.shape != (num_tokens, out_features):
         raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
                          "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
+    if lora_b.dtype != y.dtype:
+        raise ValueError(f"lora_expand: y is {y.dtype} but lora_b is {lora_b.dtype}")
     if t.stride(1) != 1 or lora_b.stride(2) != 1 or y.stride(1) != 1:
         raise ValueError("lora_expand: t, lora_b and y must be contiguous along their last axis")
     if num_tokens == 0 or num_slots == 0:

@@ -76,3 +76,18 @@ def test_forced_triton_runs_the_triton_kernels_through_the_public_api(monkeypatc
     y = kernels.lora_expand(t, args[3], args[2], torch.zeros(6, 24, device=device)).cpu()
     y_ref = ref_lora.lora_expand(ref_lora.lora_shrink(x, a, token_lora, 0.5), b, token_lora, torch.zeros(6, 24))
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_size_hints_are_accepted_on_every_backend(monkeypatch):
+    """The engine may pass host-known maxima; the torch path ignores them, Triton uses them."""
+    q, cache = torch.randn(2, 4, 64), torch.randn(4, 16, 2, 64)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    lens = torch.tensor([20, 5], dtype=torch.int32)
+    expected = ref_attention.paged_decode_attention(q, cache, cache, bt, lens, 0.125)
+    triton_module("attention")
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LORAPLEX_KERNELS", backend)
+        device = torch.device(cases()[0][0])
+        got = kernels.paged_decode_attention(q.to(device), cache.to(device), cache.to(device), bt.to(device),
+                                             lens.to(device), 0.125, max_seq_len=20)
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
