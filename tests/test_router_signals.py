@@ -122,3 +122,21 @@ def test_poll_stats_feeds_the_tracker_and_marks_unreachable_deployments_down():
     asyncio.run(main())
     assert tr.get("flaky").available  # a later successful poll brought it back
     assert tr.get("up").num_running == calls["up"] >= 3
+
+
+def test_prompt_token_estimate_tracks_a_real_tokenizer_within_a_factor():
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from serving.models import resolve_model
+    from serving.router.predict import estimate_prompt_tokens
+
+    tok = Tokenizer.from_file(str(Path(resolve_model("smollm2-135m-instruct")) / "tokenizer.json"))
+    text = open(__file__).read()[:4000]
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+    real = sum(len(tok.encode(m["content"]).ids) for m in messages)
+    est = estimate_prompt_tokens(messages)
+    assert 0.5 * real <= est <= 2 * real
+    assert estimate_prompt_tokens([{"role": "user", "content": [{"type": "text", "text": "abcd" * 10}]}]) == 14
+    assert estimate_prompt_tokens("abcde") == 2

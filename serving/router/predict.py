@@ -118,3 +118,18 @@ def predict(
         down_reason=sig.down_reason,
         source=source,
     )
+
+
+def estimate_prompt_tokens(messages: list[dict] | str) -> int:
+    """A tokenizer-free estimate (about 4 characters per token, plus a few per chat message for the
+    template) for gateways that route before any deployment has tokenised the prompt. An underestimate only
+    costs a context-overflow fallback; the deployment's own count is what gets billed."""
+    if isinstance(messages, str):
+        return -(-len(messages) // 4)
+    chars = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: count the text ones
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        chars += len(str(content or ""))
+    return -(-chars // 4) + 4 * len(messages)
