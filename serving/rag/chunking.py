@@ -4,7 +4,8 @@ A document is cut into sections at Markdown headings (HTML headings become Markd
 never crosses a section. Inside a section, paragraphs are packed greedily up to `max_tokens`; a paragraph that
 is too long is cut at sentence ends, and a sentence that is still too long into runs of `overlap` tokens. Each
 new chunk repeats the last units of the previous one, up to `overlap` tokens. Chunks are exact slices of the
-text: `text[start:end]`.
+text: `text[start:end]`. A heading line that does not fit with the text after it is left out of the chunks
+(each chunk carries its heading path, which is embedded with it).
 """
 
 from __future__ import annotations
@@ -137,6 +138,12 @@ def chunk_text(
     chunks: list[Chunk] = []
     for sec_start, sec_end, heading in _sections(text):
         units = _units(text, sec_start, sec_end, counter, max_tokens, piece)
+        if len(units) > 1 and _HEADING.fullmatch(text, units[0][0], units[0][1]):
+            # A heading alone is no chunk: it joins the next unit, or (no room) lives on in `heading` only.
+            if counter.count(units[0][0], units[1][1]) <= max_tokens:
+                units[:2] = [(units[0][0], units[1][1])]
+            else:
+                units = units[1:]
         i = 0
         while i < len(units):
             first = i
