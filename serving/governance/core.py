@@ -215,6 +215,9 @@ class Governance:
     def check_prices(self, models: list[str]) -> None:
         """Fail fast at start-up if a served model has no price (self-hosted ones are never free by default)."""
         missing = [m for m in models if self.price_for(m) is None]
+        free = [m for m in models if m not in missing and self.price_for(m).cost(10**6, 10**6) == 0]
+        if free:
+            log.warning("model(s) %s are priced at $0: their spend will not count against budgets", free)
         if missing:
             raise ValueError(f"no price for model(s) {missing}: set governance.prices.<model> with "
                              "input_per_1m/output_per_1m, or gpu_hour_usd with measured input_tok_s/output_tok_s")

@@ -46,9 +46,15 @@ class GovernanceMiddleware:
             self._audit(ctx)
             return
 
+        audited = False
+
         async def send_status(message):
+            nonlocal audited
             if message["type"] == "http.response.start" and ctx.status is None:
                 ctx.status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not audited:
+                audited = True  # durable before the client sees the response complete
+                self._finish(ctx)
             await send(message)
 
         try:
@@ -58,10 +64,14 @@ class GovernanceMiddleware:
                 ctx.status = 500
             raise
         finally:
-            if ctx.ticket is not None and ctx.ticket.settled is None:
-                ctx.ticket.abandon(ctx.status if ctx.status and ctx.status != 200 else 499)
-            self.gov.limiter.release(ctx.lease)
-            self._audit(ctx)
+            if not audited:
+                self._finish(ctx)
+
+    def _finish(self, ctx: RequestContext) -> None:
+        if ctx.ticket is not None and ctx.ticket.settled is None:
+            ctx.ticket.abandon(ctx.status if ctx.status and ctx.status != 200 else 499)
+        self.gov.limiter.release(ctx.lease)
+        self._audit(ctx)
 
     def _audit(self, ctx: RequestContext) -> None:
         p = ctx.principal
