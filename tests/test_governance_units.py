@@ -263,3 +263,24 @@ def test_cli_keys_usage_audit(tmp_path, monkeypatch, capsys):
     entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e.get("action", e["event"]) for e in entries] == ["keys.create", "request", "keys.revoke"]
     assert created["key"] not in (tmp_path / "audit" / "audit.jsonl").read_text()
+
+
+def test_period_bounds_and_running_sums_match_the_ledger(gov):
+    from datetime import datetime, timezone
+
+    from serving.governance.spend import period_bounds
+
+    dec = datetime(2026, 12, 31, 23, 59, tzinfo=timezone.utc).timestamp()
+    start, end = period_bounds("month", dec)
+    assert (datetime.fromtimestamp(start, timezone.utc), datetime.fromtimestamp(end, timezone.utc)) == \
+        (datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2027, 1, 1, tzinfo=timezone.utc))
+    assert period_bounds("day", dec) == (datetime(2026, 12, 31, tzinfo=timezone.utc).timestamp(),
+                                         datetime(2027, 1, 1, tzinfo=timezone.utc).timestamp())
+    for i, ts in enumerate((dec - 86400 * 40, dec - 3600, dec)):  # November, and twice on 31 December
+        gov.ledger.record(key_id="k", team="t", model="m", adapter=None, route="/v1/x", prompt_tokens=i,
+                          completion_tokens=1, cost_usd=0.5 + i, status=200, ts=ts)
+    rows = {(r["scope"], r["period"], r["start"]): r["cost_usd"] for r in gov.db.query("SELECT * FROM period_spend")}
+    month, day = period_bounds("month", dec)[0], period_bounds("day", dec)[0]
+    direct = gov.db.query("SELECT SUM(cost_usd) FROM usage WHERE team = 't' AND ts >= ?", (month,))[0][0]
+    assert rows[("team", "month", month)] == pytest.approx(direct) == pytest.approx(1.5 + 2.5)
+    assert rows[("key_id", "day", day)] == pytest.approx(1.5 + 2.5)

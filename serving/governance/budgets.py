@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import datetime, timezone
 
 from serving.governance.config import Budget
 from serving.governance.db import Database
 from serving.governance.errors import RateLimited
-from serving.governance.spend import insert_usage
-
-
-def period_bounds(period: str, now: float) -> tuple[float, float]:
-    """UTC [start, end) of the day or month containing `now`."""
-    t = datetime.fromtimestamp(now, timezone.utc)
-    if period == "day":
-        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start.timestamp(), start.timestamp() + 86400
-    start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start.timestamp(), end.timestamp()
+from serving.governance.spend import insert_usage, period_bounds
 
 
 class BudgetBook:
@@ -34,8 +22,8 @@ class BudgetBook:
 
     def _state(self, c, column: str, value: str, budget: Budget, now: float) -> tuple[float, float, float]:
         start, end = period_bounds(budget.period, now)
-        spent = c.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM usage WHERE {column} = ? AND ts >= ? AND ts < ?",
-                          (value, start, end)).fetchone()[0]
+        spent = c.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM period_spend WHERE scope = ? AND subject = ? "
+                          "AND period = ? AND start = ?", (column, value, budget.period, start)).fetchone()[0]
         held = c.execute(f"SELECT COALESCE(SUM(amount_usd), 0) FROM reservations WHERE {column} = ?",
                          (value,)).fetchone()[0]
         return spent, held, end

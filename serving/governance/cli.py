@@ -191,6 +191,9 @@ def _audit(args) -> int:
         for r in rows:
             print(json.dumps(r))
     else:
-        _table(rows, ["time", "event", "key_id", "team", "route", "model", "adapter", "status",
-                      "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms"])
+        for r in rows:
+            r["tokens"] = f"{r.get('prompt_tokens', '')}/{r.get('completion_tokens', '')}" if "model" in r else None
+            r["what"] = r.get("action") or r.get("error")
+        _table(rows, ["time", "key_id", "team", "route", "model", "adapter", "status", "tokens", "cost_usd",
+                      "latency_ms", "what"])
     return 0

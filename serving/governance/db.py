@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS usage_totals (
     cost_usd REAL NOT NULL,
     PRIMARY KEY (key_id, team, model, adapter)
 );
+CREATE TABLE IF NOT EXISTS period_spend (
+    scope TEXT NOT NULL, subject TEXT NOT NULL, period TEXT NOT NULL, start REAL NOT NULL, cost_usd REAL NOT NULL,
+    PRIMARY KEY (scope, subject, period, start)
+);
 CREATE TABLE IF NOT EXISTS reservations (
     id TEXT PRIMARY KEY,
     key_id TEXT NOT NULL,

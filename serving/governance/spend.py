@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from serving.governance.db import Database
@@ -12,20 +13,37 @@ GROUPS = {"key_id": "key_id", "team": "team", "model": "model", "adapter": "adap
           "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "month": "strftime('%Y-%m', ts, 'unixepoch')"}
 
 
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """UTC [start, end) of the day or month containing `now`."""
+    t = datetime.fromtimestamp(now, timezone.utc)
+    if period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.timestamp(), start.timestamp() + 86400
+    start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start.timestamp(), end.timestamp()
+
+
 def insert_usage(c: sqlite3.Connection, *, key_id: str, team: str, model: str, adapter: str | None,
                  route: str, prompt_tokens: int, completion_tokens: int, cost_usd: float, status: int,
                  request_id: str | None = None, ts: float | None = None) -> None:
     """Inside the caller's transaction, so a budget settle and its ledger row commit together."""
     adapter = adapter or ""
+    ts = ts or time.time()
     c.execute("INSERT INTO usage (ts, request_id, key_id, team, model, adapter, route, prompt_tokens,"
               " completion_tokens, cost_usd, status) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-              (ts or time.time(), request_id, key_id, team, model, adapter, route, prompt_tokens,
+              (ts, request_id, key_id, team, model, adapter, route, prompt_tokens,
                completion_tokens, cost_usd, status))
     c.execute("INSERT INTO usage_totals VALUES (?,?,?,?,1,?,?,?) ON CONFLICT(key_id, team, model, adapter) DO "
               "UPDATE SET requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
               "completion_tokens = completion_tokens + excluded.completion_tokens, "
               "cost_usd = cost_usd + excluded.cost_usd",
               (key_id, team, model, adapter, prompt_tokens, completion_tokens, cost_usd))
+    for scope, subject in (("key_id", key_id), ("team", team)):  # running sums: budget checks stay O(1)
+        for period in ("day", "month"):
+            c.execute("INSERT INTO period_spend VALUES (?,?,?,?,?) ON CONFLICT(scope, subject, period, start) "
+                      "DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd",
+                      (scope, subject, period, period_bounds(period, ts)[0], cost_usd))
 
 
 class UsageLedger:
