@@ -1,0 +1,86 @@
+"""The retriever on a real local Ray Serve instance, called through its handle and through the collections
+router mounted over that handle on a real uvicorn server."""
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def handle(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serving.rag.deployment import build_retriever_app
+
+    home = tmp_path_factory.mktemp("rag-ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    try:
+        yield serve.run(build_retriever_app(home), name="rag-test", route_prefix=None, blocking=False)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_retriever_deployment(handle):
+    from serving.rag.api import as_rag_error
+    from serving.rag.errors import CollectionNotFoundError
+
+    assert handle.create_collection.remote("docs").result(timeout_s=120)["dim"] == 384
+    added = handle.add_documents.remote("docs", [
+        {"id": "tea", "text": "Green tea is brewed at 80 degrees for two minutes."},
+        {"id": "bike", "text": "Bicycle tyres should be pumped to four bar."},
+    ]).result(timeout_s=120)
+    assert [d["status"] for d in added["data"]] == ["created", "created"]
+    hits = handle.query.remote("docs", "how hot should the water be for tea?", k=2).result(timeout_s=60)["data"]
+    assert hits[0]["document_id"] == "tea" and hits[0]["score"] > hits[1]["score"]
+    with pytest.raises(Exception) as err:
+        handle.query.remote("nope", "x").result(timeout_s=60)
+    rag = as_rag_error(err.value)
+    assert isinstance(rag, CollectionNotFoundError) and rag.param == "collection" and rag.status == 404
+
+
+def test_router_over_the_handle(handle):
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serving.rag.api import build_router
+
+    app = FastAPI()
+    app.include_router(build_router(handle))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as c:
+            r = c.post("/collections", json={"name": "web"})
+            assert r.status_code == 200, r.text
+            c.post("/collections/web/documents", json={"documents": [{"id": "a", "text": "Owls hunt at night."}]})
+            hits = c.post("/collections/web/query", json={"query": "nocturnal birds", "k": 1}).json()["data"]
+            assert hits[0]["document_id"] == "a"
+            r = c.post("/collections/missing/query", json={"query": "x"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
+            r = c.post("/collections/web/query", json={"query": "x", "k": 0})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "k"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    # the handle stays usable after the server's event loop is gone
+    assert handle.list_collections.remote().result(timeout_s=60)[0]["name"] in ("docs", "web")
