@@ -211,7 +211,7 @@ def build_router(service, prefix: str = "/v1") -> APIRouter:
     async def list_documents(name: str):
         return await call("list_documents", name)
 
-    @router.delete("/collections/{name}/documents/{doc_id}")
+    @router.delete("/collections/{name}/documents/{doc_id:path}")
     @endpoint
     async def delete_document(name: str, doc_id: str):
         return await call("delete_document", name, doc_id)

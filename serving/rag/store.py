@@ -22,7 +22,7 @@ import numpy as np
 from serving.rag.errors import CollectionExistsError, CollectionNotFoundError, InvalidInputError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DOC_ID_RE = re.compile(r"^[^\x00-\x1f/]{1,256}$")
+DOC_ID_RE = re.compile(r"^[^\x00-\x1f]{1,512}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -52,7 +52,7 @@ def check_name(name) -> str:
 def check_doc_id(doc_id, param: str = "id") -> str:
     if not isinstance(doc_id, str) or not DOC_ID_RE.match(doc_id):
         raise InvalidInputError(
-            f"document id must be a string of 1-256 characters without '/' or control characters; got {doc_id!r}",
+            f"document id must be a string of 1-512 characters without control characters; got {doc_id!r}",
             param=param)
     return doc_id
 
