@@ -99,12 +99,12 @@ class EmbeddingServer:
 class Gateway:
     """The HTTP ingress: OpenAI routes, /health, /ready, /metrics. Holds handles to the model deployments."""
 
-    async def __init__(self, config: dict, llm_handles: dict, embed_handle=None):
+    async def __init__(self, config: dict, llm_handles: dict, embed_handle=None, rag_handle=None):
         from serving.api.gateway import GatewayCore
         from serving.config import ServeConfig
 
-        self.core = GatewayCore(ServeConfig.model_validate(config), llm_handles, embed_handle,
-                                routers=_optional_routers())
+        cfg = ServeConfig.model_validate(config)
+        self.core = GatewayCore(cfg, llm_handles, embed_handle, routers=_optional_routers(cfg, rag_handle))
         self.core.start()
 
     def __serve_build_asgi_app__(self):
@@ -113,22 +113,29 @@ class Gateway:
         return create_app(self.core)
 
 
-def _optional_routers() -> list:
-    """APIRouters of other areas, mounted when those areas are installed (RAG, fine-tuning)."""
-    import importlib
-
+def _optional_routers(cfg: ServeConfig, rag_handle) -> list:
+    """APIRouters of other areas: collections (RAG) over the Retriever deployment, and fine-tuning jobs."""
     routers = []
-    for module in ("serving.rag.api", "training.api"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
-        router = getattr(mod, "router", None)
-        if router is not None:
-            routers.append(router)
+    if rag_handle is not None:
+        from serving.rag.api import build_router
+
+        routers.append(build_router(rag_handle))
+    if cfg.fine_tuning.enabled and _installed("training.api"):
+        from training.api import build_router
+        from training.jobs import JobManager
+
+        url = f"http://{cfg.server.host if cfg.server.host != '0.0.0.0' else '127.0.0.1'}:{cfg.server.port}"
+        routers.append(build_router(JobManager(gateway_url=url)))
     return routers
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def deployment_name(model: str) -> str:
@@ -159,8 +166,13 @@ def build_app(config: ServeConfig):
         embed = EmbeddingServer.options(
             name="embeddings", num_replicas=e.num_replicas, ray_actor_options=e.ray_actor_options.to_ray(),
         ).bind(e.source, e.name)
+    rag = None
+    if config.rag.enabled and _installed("serving.rag.deployment"):
+        from serving.rag.deployment import Retriever
+
+        rag = Retriever.options(name="retriever", ray_actor_options=config.rag.ray_actor_options.to_ray()).bind()
     s = config.server
     return Gateway.options(
         name="gateway", num_replicas=s.num_replicas, ray_actor_options=s.ray_actor_options.to_ray(),
         max_ongoing_requests=4096,
-    ).bind(config.model_dump(), llm, embed)
+    ).bind(config.model_dump(), llm, embed, rag)

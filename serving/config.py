@@ -145,11 +145,22 @@ class ServerSpec(_Strict):
     request_timeout_s: float | None = Field(None, gt=0)
 
 
+class RagSpec(_Strict):
+    enabled: bool = True
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0))
+
+
+class FineTuningSpec(_Strict):
+    enabled: bool = True
+
+
 class ServeConfig(_Strict):
     server: ServerSpec = Field(default_factory=ServerSpec)
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name=DEFAULT_MODEL)], min_length=1)
     adapters: list[AdapterSpec] = Field(default_factory=list)
     embeddings: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+    rag: RagSpec = Field(default_factory=RagSpec)
+    fine_tuning: FineTuningSpec = Field(default_factory=FineTuningSpec)
 
     @model_validator(mode="after")
     def _cross(self):

@@ -8,6 +8,7 @@ transformers, embeddings against serving.embeddings.Embedder in this process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+
+from benchmarks.cli import LORAPLEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,6 +49,8 @@ models:
     enable_prefix_caching: false
     ray_actor_options: {{num_cpus: 0}}
 embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
+rag: {{enabled: false}}
+fine_tuning: {{enabled: false}}
 """
 
 
@@ -63,7 +68,7 @@ class Server:
         cfg.write_text(CONFIG)
         self.log = open(tmp / "serve.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.cli", "serve", "--config", str(cfg), "--port", str(self.port)],
+            [*LORAPLEX, "serve", "--config", str(cfg), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
         )
@@ -134,12 +139,16 @@ def reference():
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return tok(text, add_special_tokens=False)["input_ids"]
 
-        def greedy(self, ids, n):
+        @functools.lru_cache(maxsize=None)
+        def _greedy(self, ids: tuple, n: int):
             with torch.no_grad():
                 out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                                      pad_token_id=tok.eos_token_id)
             new = out[0, len(ids):].tolist()
             return new, tok.decode(new, skip_special_tokens=True)
+
+        def greedy(self, ids, n):
+            return self._greedy(tuple(ids), n)
 
         def first_logprobs(self, ids):
             with torch.no_grad():
@@ -490,3 +499,22 @@ def test_metrics_labelled_by_model(server):
     assert metric(text, "loraplex_requests_total", model=TINY, status="429") >= 1
     assert re.search(r'^loraplex_num_requests_waiting\{model="smollm2-135m-instruct"\} ', text, re.M)
     assert 0 <= metric(text, "loraplex_kv_cache_usage_ratio", model=MODEL) <= 1
+
+
+def test_bench_against_the_running_server(server, tmp_path):
+    """`loraplex bench` drives the chat endpoint with locust and writes the report folder."""
+    out = tmp_path / "bench"
+    r = subprocess.run([*LORAPLEX, "bench", "--users", "2", "--duration", "6",
+                        "--host", server.base, "--model", MODEL, "--max-tokens", "8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    m = report["models"][MODEL]
+    assert m["requests"] >= 2 and m["errors"] == 0 and figures["requests"] == m["requests"]
+    assert 0 < m["ttft_ms_p50"] <= m["ttft_ms_p99"] and m["itl_ms_p50"] > 0 and m["throughput_tok_s"] > 0
+    rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert all(row["tokens"] <= 8 for row in rows) and len(rows) == m["requests"]
+    for name in ("report.md", "latency.png", "throughput.png"):
+        assert (out / name).stat().st_size > 0
+    assert MODEL in (out / "report.md").read_text()

@@ -13,7 +13,9 @@ from serving.config import (
     Autoscaling,
     ConfigError,
     EmbeddingSpec,
+    FineTuningSpec,
     ModelSpec,
+    RagSpec,
     ServerSpec,
     load_config,
     parse_config,
@@ -31,7 +33,7 @@ def test_shipped_config_serves_the_default_model_on_8000():
 
 
 @pytest.mark.parametrize("section", [ServerSpec, ModelSpec, EmbeddingSpec, AdapterSpec, Autoscaling,
-                                     ActorOptions])
+                                     ActorOptions, RagSpec, FineTuningSpec])
 def test_shipped_config_documents_every_key(section):
     text = SHIPPED.read_text()
     for key in section.model_fields:
@@ -97,11 +99,12 @@ def test_build_app_takes_replicas_autoscaling_and_actor_options_from_the_config(
         ],
         "adapters": [{"name": "sql", "base": "a", "source": "/tmp/sql"}],
         "embeddings": {"enabled": False},
+        "rag": {"enabled": False},
     })
     gateway = build_app(cfg)._bound_deployment
     assert gateway.name == "gateway" and gateway._deployment_config.num_replicas == 2
-    config_arg, llm, embed = gateway.init_args
-    assert embed is None and set(llm) == {"a", "b"}
+    config_arg, llm, embed, rag = gateway.init_args
+    assert embed is None and rag is None and set(llm) == {"a", "b"}
     a, b = llm["a"]._bound_deployment, llm["b"]._bound_deployment
     assert a.name == "llm-a" and a._deployment_config.num_replicas == 3
     assert a.ray_actor_options["num_gpus"] == 1 and a.ray_actor_options["num_cpus"] == 2
