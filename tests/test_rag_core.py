@@ -260,3 +260,19 @@ def test_corrupt_files_are_detected(tmp_path):
         f.write(b"\x00\x00\x80\x7f")
     with pytest.raises(IndexCorruptError, match="checksum"):
         VectorIndex.load(tmp_path)
+
+
+def test_exact_search_through_kernels_topk_matches_faiss():
+    # The CUDA path (kernels.dispatch.topk_scores) run on the CPU, where the dispatch picks the torch reference.
+    d, n = 48, 2500
+    vecs, ids = _clustered(n, d), np.arange(n, dtype=np.int64) * 3 + 2
+    queries = _clustered(7, d, seed=9)
+    by_faiss, by_kernels = VectorIndex(d, exact="faiss"), VectorIndex(d, exact="kernels")
+    for index in (by_faiss, by_kernels):
+        index.add(ids, vecs)
+        index.remove(ids[:100])
+    s1, i1 = by_faiss.search(queries, 10)
+    s2, i2 = by_kernels.search(queries, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    np.testing.assert_array_equal(i2, _brute(queries, vecs[100:], ids[100:], 10)[1])

@@ -6,7 +6,8 @@ that every search is exact (it is fast there, and IVF cannot be trained on a han
 
 Persistence is atomic: each save writes a new generation of files (temp name, fsync, os.replace), then swaps
 manifest.json, which names the live generation, the same way; a crash at any point leaves the previous
-generation readable. On CUDA, exact search runs through kernels.dispatch.topk_scores.
+generation readable. On CUDA, exact search runs through kernels.dispatch.topk_scores (our Triton top-k) and
+IVF through faiss-gpu where it is installed.
 """
 
 from __future__ import annotations
@@ -97,9 +98,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 class VectorIndex:
     """Ids are int64 (chunk ids), vectors float32 unit rows of `dim`. Thread-safe (one lock per index)."""
 
-    def __init__(self, dim: int, kind: str = "flat", params: dict | None = None, device: str = "cpu"):
+    def __init__(self, dim: int, kind: str = "flat", params: dict | None = None, device: str = "cpu",
+                 exact: str = "auto"):
+        """exact: how exact searches run: "faiss" (IndexFlatIP), "kernels" (kernels.dispatch.topk_scores on
+        `device`: the Triton kernel on CUDA, its torch reference elsewhere) or "auto" (kernels on CUDA)."""
         import faiss
 
+        if exact not in ("auto", "faiss", "kernels"):
+            raise ValueError(f"exact must be auto, faiss or kernels, got {exact!r}")
+        self.exact = exact if exact != "auto" else ("kernels" if device.startswith("cuda") else "faiss")
         self._faiss = faiss
         self.dim = int(dim)
         self.kind = kind
@@ -111,7 +118,9 @@ class VectorIndex:
         self._ann = None  # faiss IndexIVFFlat, or IndexIDMap2 over HNSW, once n >= min_ann
         self._ann_trained_n = 0
         self._dead: set[int] = set()  # HNSW tombstones
-        self._gpu_keys = None
+        self._gpu_keys = None  # vectors as a torch tensor on `device`, for kernels.topk_scores
+        self._ann_gpu = None  # a faiss-gpu copy of the IVF index (faiss-gpu installed and device cuda)
+        self._gpu_res = None
         self._lock = threading.RLock()
 
     # ---- size / content -------------------------------------------------------------------------------
@@ -157,7 +166,7 @@ class VectorIndex:
                 self.ids = np.concatenate([self.ids, ids])
                 self.vecs = np.concatenate([self.vecs, vecs])
                 self._flat.add(vecs)
-            self._gpu_keys = None
+            self._gpu_keys = self._ann_gpu = None
             if self._ann is not None and not self._ann_stale():
                 self._ann.add_with_ids(vecs, ids)
             self._maybe_build_ann()
@@ -173,7 +182,7 @@ class VectorIndex:
             gone = self.ids[~keep]
             self.ids, self.vecs = self.ids[keep], np.ascontiguousarray(self.vecs[keep])
             self._reset_flat()
-            self._gpu_keys = None
+            self._gpu_keys = self._ann_gpu = None
             if self._ann is not None:
                 if self.kind == "hnsw":
                     self._dead.update(int(i) for i in gone)
@@ -245,6 +254,7 @@ class VectorIndex:
             if self._ann is not None:
                 if self.kind == "ivf":
                     self._ann.nprobe = min(self.params["nprobe"], self._ann.nlist)
+                    self._ann_gpu = None
                 else:
                     self._faiss.downcast_index(self._ann.index).hnsw.efSearch = self.params["ef_search"]
 
@@ -282,15 +292,15 @@ class VectorIndex:
 
     def _exact(self, queries: np.ndarray, k: int):
         k = min(k, len(self))
-        if self.device.startswith("cuda"):
-            return self._exact_gpu(queries, k)
+        if self.exact == "kernels":
+            return self._exact_kernels(queries, k)
         s, rows = self._flat.search(queries, k)
         return s, self.ids[rows]
 
-    def _exact_gpu(self, queries: np.ndarray, k: int):
+    def _exact_kernels(self, queries: np.ndarray, k: int):
         import torch
 
-        from kernels import dispatch  # imported only on CUDA: the Triton top-k kernel
+        from kernels import dispatch  # imported lazily: only this path needs it (the Triton top-k on CUDA)
 
         if self._gpu_keys is None:
             self._gpu_keys = torch.from_numpy(self.vecs).to(self.device)
@@ -310,9 +320,23 @@ class VectorIndex:
         top = np.take_along_axis(top, order, 1)
         return np.take_along_axis(scores, top, 1), self.ids[rows][top]
 
+    def _ann_index(self):
+        """The IVF index on the GPU where faiss-gpu (the `gpu` extra) and a CUDA device are there, else on CPU.
+        HNSW has no faiss-gpu form and stays on the CPU."""
+        faiss = self._faiss
+        if self.kind != "ivf" or not self.device.startswith("cuda") or not hasattr(faiss, "StandardGpuResources"):
+            return self._ann
+        if self._ann_gpu is None:
+            if self._gpu_res is None:
+                self._gpu_res = faiss.StandardGpuResources()
+            gpu = int(self.device.split(":")[1]) if ":" in self.device else 0
+            self._ann_gpu = faiss.index_cpu_to_gpu(self._gpu_res, gpu, self._ann)
+            self._ann_gpu.nprobe = self._ann.nprobe
+        return self._ann_gpu
+
     def _ann_search(self, queries: np.ndarray, k: int, fetch: int | None = None):
         fetch = min(len(self) + len(self._dead), fetch or (k + len(self._dead)))
-        s, i = self._ann.search(queries, fetch)
+        s, i = self._ann_index().search(queries, fetch)
         if self._dead:
             dead = np.isin(i, np.fromiter(self._dead, np.int64, len(self._dead)))
             i = np.where(dead, -1, i)
@@ -391,7 +415,7 @@ class VectorIndex:
         return None if manifest is None else int(manifest.get("seq", -1))
 
     @classmethod
-    def load(cls, folder, device: str = "cpu") -> tuple["VectorIndex", int]:
+    def load(cls, folder, device: str = "cpu", exact: str = "auto") -> tuple["VectorIndex", int]:
         """(index, seq) from `folder`; raises FileNotFoundError when nothing is saved, IndexCorruptError on
         files that do not match the manifest."""
         folder = Path(folder)
@@ -405,7 +429,7 @@ class VectorIndex:
             path = folder / name
             if not path.exists() or _sha256(path) != manifest["sha256"][key]:
                 raise IndexCorruptError(f"{path} is missing or does not match its checksum")
-        index = cls(manifest["dim"], manifest["kind"], manifest["params"], device=device)
+        index = cls(manifest["dim"], manifest["kind"], manifest["params"], device=device, exact=exact)
         index.ids = np.load(folder / files["ids"])
         index.vecs = np.ascontiguousarray(np.load(folder / files["vectors"]), dtype=np.float32)
         if index.ids.shape[0] != manifest["count"] or index.vecs.shape != (manifest["count"], manifest["dim"]):
