@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 METRICS = ("ip", "cosine")
-CHUNK = 65536  # keys per chunk: [q, CHUNK] fp32 scores at a time
+CHUNK = 65536  # keys per chunk at least; more while [q, chunk] fp32 scores stay under SCORE_BUDGET
+SCORE_BUDGET = 1 << 25  # 128 MiB of fp32 scores at a time
 
 
 def check_topk_args(queries: torch.Tensor, keys: torch.Tensor, k: int, metric: str) -> int:
@@ -25,8 +26,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def topk_scores(queries, keys, k, metric="ip", chunk: int = CHUNK):
+def topk_scores(queries, keys, k, metric="ip", chunk: int | None = None):
     k = check_topk_args(queries, keys, k, metric)
+    chunk = chunk or max(CHUNK, SCORE_BUDGET // max(1, queries.shape[0]))
     q = queries.float()
     if metric == "cosine":
         q = _normalise(q)

@@ -18,6 +18,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """64-bit offsets only for tensors past 2**31 elements: int32 offset tiles take far fewer registers."""
+    return any(t.numel() >= 2**31 - 1 for t in tensors)
+
+
 def _check_head_dims(q: torch.Tensor, k: torch.Tensor, name: str) -> int:
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if k.shape[-1] != d:
@@ -37,7 +42,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, pm_pt
                    stride_bts, stride_os, stride_oh, num_q_heads, max_splits,
                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   OFF64: tl.constexpr, DOT_PREC: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,19 +63,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, pm_pt
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             nmask = pos < end
-            blk = tl.load(bt_ptr + seq * stride_bts + pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+            blk = tl.load(bt_ptr + seq * stride_bts + pos // BLOCK_SIZE, mask=nmask, other=0)
+            if OFF64:
+                blk = blk.to(tl.int64)
             slot = pos % BLOCK_SIZE
             kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
+            # K and V share strides (checked by the wrapper): one offset tile serves both loads.
+            kv_off = (blk * stride_kb + slot * stride_kt + kvh * stride_kh)[:, None] + offs_d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
         omask = gmask[:, None] & dmask[None, :]
@@ -124,7 +131,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, m
         return out
     max_len = int(seq_lens.max()) if max_seq_len is None else int(max_seq_len)
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = 16 if q.device.type != "cuda" else (64 if d <= 128 else 32)
+    if v_cache.stride() != k_cache.stride() or v_cache.shape != k_cache.shape:
+        raise ValueError("paged_decode_attention: k_cache and v_cache must have the same shape and strides")
+    # 32 keys per step at head_dim 128 keeps the kernel at 128 registers (4 programs per SM) on sm_90.
+    block_n = 16 if q.device.type != "cuda" else (64 if d <= 64 else 32)
     if partition_size is None:
         # Split only when (seqs x kv heads) leaves SMs idle and contexts are long enough to be worth a merge.
         want = triton.cdiv(2 * _num_sms(q.device), num_seqs * hkv)
@@ -147,7 +157,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, m
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0), out.stride(0), out.stride(1),
         hq, splits,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_N=block_n, PARTITION=partition, SPLIT=split, DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_D=block_d, BLOCK_N=block_n, PARTITION=partition, SPLIT=split, OFF64=_needs_int64(k_cache, v_cache),
+        DOT_PREC=_dot_precision(q.dtype),
         num_warps=4, num_stages=2)
     if split:
         _decode_reduce_kernel[(num_seqs, hq)](
@@ -163,7 +174,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, lens_ptr, 
                     stride_bts, stride_ot, stride_oh,
                     PAGED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    OFF64: tl.constexpr, DOT_PREC: tl.constexpr):
     mt = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -194,12 +205,17 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, lens_ptr, 
             pos = n0 + tl.arange(0, BLOCK_N)
             nmask = pos < n_end
             if PAGED:
-                blk = tl.load(bt_ptr + seq * stride_bts + pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+                blk = tl.load(bt_ptr + seq * stride_bts + pos // BLOCK_SIZE, mask=nmask, other=0)
+                if OFF64:
+                    blk = blk.to(tl.int64)
                 k_off = blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt
                 v_off = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt
             else:
-                k_off = (k_start + pos).to(tl.int64) * stride_kt
-                v_off = (k_start + pos).to(tl.int64) * stride_vt
+                row = k_start + pos
+                if OFF64:
+                    row = row.to(tl.int64)
+                k_off = row * stride_kt
+                v_off = row * stride_vt
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + k_off[:, None] + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -229,8 +245,8 @@ def _launch_prefill(q, k, v, out, cu_q, cu_k, lens, bt, scale, paged, causal, ma
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max())
     on_gpu = q.device.type == "cuda"
-    block_m = 64 if on_gpu else 16
-    block_n = (64 if d <= 64 else 32) if on_gpu else 16
+    block_m = block_n = 64 if on_gpu else 16
+    num_warps = 4 if d <= 64 else 8  # head_dim 128 at 4 warps spills registers on sm_90
     grid = (triton.cdiv(max(int(max_seqlen_q), 1), block_m), num_seqs, q.shape[1])
     if paged:
         strides_k = (k.stride(0), k.stride(1), k.stride(2))
@@ -244,8 +260,8 @@ def _launch_prefill(q, k, v, out, cu_q, cu_k, lens, bt, scale, paged, causal, ma
         q, k, v, out, cu_q, cu_k, lens, bt, float(scale) * LOG2E, q.stride(0), q.stride(1), *strides_k, *strides_v,
         stride_bts, out.stride(0), out.stride(1),
         PAGED=paged, CAUSAL=causal, BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=4, num_stages=2)
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, OFF64=_needs_int64(k, v),
+        DOT_PREC=_dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
     return out
 
 

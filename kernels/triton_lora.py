@@ -84,8 +84,10 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_f
         tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-def _block_m(num_tokens: int, on_gpu: bool) -> int:
-    return 16 if not on_gpu or num_tokens <= 16 else (32 if num_tokens <= 256 else 64)
+def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
+    """Token tile from the mean tokens per slot: small tiles keep SMs busy when many adapters share a batch."""
+    per_slot = num_tokens / max(1, num_slots)
+    return 16 if not on_gpu or per_slot <= 32 else (32 if per_slot <= 256 else 64)
 
 
 def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
@@ -105,7 +107,7 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
     order, starts, counts = segments if segments is not None else slot_segments(token_lora, num_slots)
     scales = slot_scales(scale, num_slots, x.device)
     on_gpu = x.device.type == "cuda"
-    block_m = _block_m(num_tokens, on_gpu)
+    block_m = _block_m(num_tokens, num_slots, on_gpu)
     block_r = min(64, max(16, triton.next_power_of_2(rank)))
     block_k = (128 if on_gpu else 32)
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(rank, block_r), num_slots)
@@ -131,7 +133,7 @@ def lora_expand(t, lora_b, token_lora, y, segments=None):
         return y
     order, starts, counts = segments if segments is not None else slot_segments(token_lora, num_slots)
     on_gpu = t.device.type == "cuda"
-    block_m = _block_m(num_tokens, on_gpu)
+    block_m = _block_m(num_tokens, num_slots, on_gpu)
     block_n = 128 if on_gpu else 32
     block_r = min(64, max(16, triton.next_power_of_2(rank)))
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
