@@ -106,9 +106,30 @@ def test_parse_bytes_types_and_errors():
         parse_bytes("a.txt", b"\xff\xfe\x00bad")
     try:
         import pypdf  # noqa: F401
-    except ImportError:
+    except ImportError:  # without the `pdf` extra: a clear error naming it
         with pytest.raises(UnsupportedFileTypeError, match=r"loraplex\[pdf\]"):
-            parse_bytes("a.pdf", b"%PDF-1.4")
+            parse_bytes("a.pdf", _tiny_pdf("x"))
+    else:
+        assert parse_bytes("a.pdf", _tiny_pdf("The warranty lasts two years.")) == "The warranty lasts two years."
+        with pytest.raises(InvalidInputError, match="not a readable PDF"):
+            parse_bytes("b.pdf", b"%PDF-1.4 garbage")
+
+
+def _tiny_pdf(text: str) -> bytes:
+    """A one-page PDF showing `text` in Helvetica, built by hand (objects, xref table, trailer)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>",
+            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for i, obj in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
 
 
 # ---- filters -------------------------------------------------------------------------------------------------
