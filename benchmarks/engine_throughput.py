@@ -1,0 +1,132 @@
+"""Engine throughput vs Hugging Face transformers on one workload.
+
+32 requests, prompts of 8-200 words, 128 output tokens each, EOS ignored, greedy, through
+(a) HF generate one request at a time, (b) HF generate in one padded static batch, (c) HF's own continuous
+batching (generate_batch, attn_implementation="paged|sdpa"), (d) our engine. Prints output tokens/s for each
+and the engine's ratios, then one JSON line.
+
+  python benchmarks/engine_throughput.py [--requests 32] [--max-tokens 128] [--model smollm2-135m-instruct]
+  python benchmarks/engine_throughput.py --load-format dummy --model /path/to/config-only-folder --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.common import emit, machine, workload_prompts
+
+console = Console()
+
+
+def run_engine(args, prompt_ids):
+    from serving.engine import EngineConfig, SamplingParams
+    from serving.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, load_format=args.load_format,
+                                    kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
+                                    max_num_batched_tokens=args.batched_tokens))
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    start = time.perf_counter()
+    outs = engine.generate(prompt_ids, params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return tokens / elapsed, engine.model_path
+
+
+def hf_model(path, dtype, attn=None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+@torch.inference_mode()
+def run_hf_sequential(path, dtype, prompt_ids, max_tokens):
+    model = hf_model(path, dtype)
+    tokens, start = 0, time.perf_counter()
+    for ids in prompt_ids:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=0)
+        tokens += out.shape[1] - len(ids)
+    return tokens / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def run_hf_static(path, dtype, prompt_ids, max_tokens):
+    model = hf_model(path, dtype)
+    width = max(len(i) for i in prompt_ids)
+    ids = torch.tensor([[0] * (width - len(i)) + i for i in prompt_ids])  # left padding
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids])
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=0)
+    return (out.shape[1] - width) * len(prompt_ids) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def run_hf_continuous(path, dtype, prompt_ids, max_tokens):
+    from transformers import GenerationConfig
+
+    model = hf_model(path, dtype, attn="paged|sdpa")
+    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    start = time.perf_counter()
+    outs = model.generate_batch(inputs=prompt_ids, generation_config=cfg, progress_bar=False)
+    tokens = sum(len(o.generated_tokens) for o in outs.values())
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--kv-cache", default="2GiB")
+    ap.add_argument("--batched-tokens", type=int, default=2048)
+    ap.add_argument("--skip-hf", action="store_true", help="only measure the engine")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+
+    from serving.models import resolve_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    prompt_ids = [tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
+    results = {"machine": machine(), "requests": args.requests, "max_tokens": args.max_tokens, "model": args.model}
+    with console.status("our engine"):
+        results["engine_tok_s"], path = run_engine(args, prompt_ids)
+    console.print(f"engine: {results['engine_tok_s']:.1f} tok/s")
+    if not args.skip_hf and args.load_format != "dummy":
+        dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
+        for key, fn in (("hf_sequential_tok_s", run_hf_sequential), ("hf_static_batch_tok_s", run_hf_static),
+                        ("hf_continuous_tok_s", run_hf_continuous)):
+            with console.status(key):
+                try:
+                    results[key] = fn(path, dtype, prompt_ids, args.max_tokens)
+                except Exception as exc:  # report, don't hide: the figure is missing, not zero
+                    console.print(f"[red]{key} failed: {exc}")
+                    results[key] = None
+            console.print(f"{key}: {results[key]}")
+        hf = [v for k, v in results.items() if k.startswith("hf_") and v]
+        results["ratio_vs_best_hf"] = results["engine_tok_s"] / max(hf) if hf else None
+        table = Table(title=f"output tokens/s - {results['machine']}")
+        for col in ("system", "tok/s", "engine ratio"):
+            table.add_column(col)
+        for key in ("hf_sequential_tok_s", "hf_static_batch_tok_s", "hf_continuous_tok_s", "engine_tok_s"):
+            v = results.get(key)
+            table.add_row(key, f"{v:.1f}" if v else "-", f"{results['engine_tok_s'] / v:.2f}x" if v else "-")
+        console.print(table)
+    emit(results)
+
+
+if __name__ == "__main__":
+    main()
