@@ -113,10 +113,10 @@ def gpu_compile_report(arch: int = 90) -> dict:
                 OFF64=False, DOT_PREC="tf32"), arch, num_warps=4 if d <= 64 else 8)
     seg = dict(order_ptr="*i32", starts_ptr="*i32", counts_ptr="*i32")
     report["lora-shrink"] = compile_for_gpu(L._shrink_kernel, dict(seg, x_ptr="*bf16", a_ptr="*bf16", t_ptr="*bf16",
-                                            scale_ptr="*fp32"), dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=128,
-                                                                     DOT_PREC="tf32"), arch)
+                                            scale_ptr="*fp32"), dict(BLOCK_M=32, BLOCK_R=32, BLOCK_K=128,
+                                                                     OFF64=False, DOT_PREC="tf32"), arch)
     report["lora-expand"] = compile_for_gpu(L._expand_kernel, dict(seg, t_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16"),
-                                            dict(BLOCK_M=32, BLOCK_N=128, BLOCK_R=16, DOT_PREC="tf32"), arch)
+                                            dict(BLOCK_M=32, BLOCK_N=128, BLOCK_R=32, OFF64=False, DOT_PREC="tf32"), arch)
     topk = dict(q_ptr="*bf16", k_ptr="*bf16", out_s_ptr="*fp32", out_i_ptr="*i32")
     for select, kk in ((True, 16), (False, 1024)):
         report[f"topk-select{int(select)}"] = compile_for_gpu(T._topk_tile_kernel, topk, dict(

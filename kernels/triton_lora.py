@@ -30,7 +30,8 @@ def slot_segments(token_lora: torch.Tensor, num_slots: int):
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, starts_ptr, counts_ptr, scale_ptr, hidden, rank,
                    stride_xt, stride_as, stride_ar, stride_tt,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, OFF64: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     slot = tl.program_id(2)
@@ -38,7 +39,9 @@ def _shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, starts_ptr, counts_ptr, scale
     if pid_m * BLOCK_M < count:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0).to(tl.int64)
+        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
+        if OFF64:
+            rows = rows.to(tl.int64)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = offs_r < rank
         offs_k = tl.arange(0, BLOCK_K)
@@ -58,7 +61,8 @@ def _shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, starts_ptr, counts_ptr, scale
 @triton.jit
 def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_features, rank,
                    stride_tt, stride_bs, stride_bo, stride_yt,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.program_id(2)
@@ -66,7 +70,9 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_f
     if pid_m * BLOCK_M < count:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0).to(tl.int64)
+        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
+        if OFF64:
+            rows = rows.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < out_features
         offs_r = tl.arange(0, BLOCK_R)
@@ -85,9 +91,14 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_f
 
 
 def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
-    """Token tile from the mean tokens per slot: small tiles keep SMs busy when many adapters share a batch."""
-    per_slot = num_tokens / max(1, num_slots)
-    return 16 if not on_gpu or per_slot <= 32 else (32 if per_slot <= 256 else 64)
+    """Token tile from the mean tokens per slot: small tiles keep SMs busy when many adapters share a batch
+    (64 would spill registers on sm_90)."""
+    return 16 if not on_gpu or num_tokens / max(1, num_slots) <= 32 else 32
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """64-bit row offsets only past 2**31 elements: int32 offset tiles take far fewer registers."""
+    return any(t.numel() >= 2**31 - 1 for t in tensors)
 
 
 def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
@@ -108,12 +119,13 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
     scales = slot_scales(scale, num_slots, x.device)
     on_gpu = x.device.type == "cuda"
     block_m = _block_m(num_tokens, num_slots, on_gpu)
-    block_r = min(64, max(16, triton.next_power_of_2(rank)))
+    block_r = min(32, max(16, triton.next_power_of_2(rank)))  # larger ranks take more rank tiles
     block_k = (128 if on_gpu else 32)
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(rank, block_r), num_slots)
     _shrink_kernel[grid](x, lora_a, t, order, starts, counts, scales, hidden, rank,
                          x.stride(0), lora_a.stride(0), lora_a.stride(1), t.stride(0),
-                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_PREC=_dot_precision(x.dtype),
+                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OFF64=_needs_int64(x, t),
+                         DOT_PREC=_dot_precision(x.dtype),
                          num_warps=4)
     return t
 
@@ -135,10 +147,11 @@ def lora_expand(t, lora_b, token_lora, y, segments=None):
     on_gpu = t.device.type == "cuda"
     block_m = _block_m(num_tokens, num_slots, on_gpu)
     block_n = 128 if on_gpu else 32
-    block_r = min(64, max(16, triton.next_power_of_2(rank)))
+    block_r = min(32, max(16, triton.next_power_of_2(rank)))  # larger ranks loop over rank chunks
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
     _expand_kernel[grid](t, lora_b, y, order, starts, counts, out_features, rank,
                          t.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PREC=_dot_precision(lora_b.dtype),
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, OFF64=_needs_int64(t, y),
+                         DOT_PREC=_dot_precision(lora_b.dtype),
                          num_warps=4)
     return y
