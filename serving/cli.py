@@ -82,12 +82,10 @@ def cmd_serve(args) -> int:
         ray.init(address="local", include_dashboard=False, configure_logging=True, logging_level="warning")
     else:
         ray.init(address=address)
-    stop = {"now": False}
-
-    def on_signal(signum, _frame):
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C and SIGTERM both end in the `finally` below; SIGINT is set explicitly because a shell starts
+    # background jobs with it ignored, and Python keeps an ignored SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         http = {"host": cfg.server.host, "port": cfg.server.port}
         if cfg.server.request_timeout_s:
@@ -96,8 +94,8 @@ def cmd_serve(args) -> int:
         print(f"loraplex: deploying {', '.join(m.name for m in cfg.models)} ...", flush=True)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         print(f"loraplex: serving http://{cfg.server.host}:{cfg.server.port}/v1 (Ctrl-C to stop)", flush=True)
-        while not stop["now"]:
-            time.sleep(0.5)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:

@@ -66,6 +66,8 @@ def _error(r, status=400):
      "messages[0].content[0].type"),
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
     ({"model": None}, "model"),
+    ({"seed": 2**64}, "seed"),
+    ({"top_k": 2**40}, "top_k"),
 ])
 def test_chat_field_errors_name_the_field(http, extra, param):
     body = {"model": "m", "messages": MSG, **extra}

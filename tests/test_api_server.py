@@ -340,6 +340,7 @@ def _err(exc_info):
     (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
     (dict(messages=[]), "messages"),
     (dict(logit_bias={"1": 5}), "logit_bias"),
+    (dict(seed=2**64), "seed"),
 ])
 def test_chat_invalid_fields_are_400_naming_the_field(client, kwargs, param):
     args = dict(model=MODEL, messages=HELLO, max_tokens=2)

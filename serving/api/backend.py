@@ -123,6 +123,12 @@ class ModelBackend:
                 finished = True
                 yield {"kind": "error", "error": APIError.from_engine(exc).to_dict()}
                 return
+            except Exception as exc:  # an engine bug: a clean 500 rather than a broken stream
+                finished = True
+                log.exception("request %s failed before its first token", request_id)
+                err = APIError(500, f"generation failed: {type(exc).__name__}", type="server_error")
+                yield {"kind": "error", "error": err.to_dict()}
+                return
             yield {"kind": "accepted", "request_id": request_id, "prompt_tokens": len(prompt_ids),
                    "prompt_text": prompt_text}
             if first is not None:
