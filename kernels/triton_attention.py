@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -138,9 +139,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, m
     if partition_size is None:
         # Split only when (seqs x kv heads) leaves SMs idle and contexts are long enough to be worth a merge.
         want = triton.cdiv(2 * _num_sms(q.device), num_seqs * hkv)
-        partition = max(512, triton.cdiv(triton.cdiv(max_len, want), block_n) * block_n)
+        partition = max(256, triton.cdiv(max_len, want))
     else:
-        partition = triton.cdiv(int(partition_size), block_n) * block_n
+        partition = int(partition_size)
+    # At most MAX_SPLITS partials per head, so the merge kernel's [splits, head_dim] tile stays small.
+    partition = max(partition, triton.cdiv(max_len, MAX_SPLITS))
+    partition = triton.cdiv(partition, block_n) * block_n
     splits = max(1, triton.cdiv(max_len, partition))
     split = splits > 1
     if split:

@@ -170,3 +170,15 @@ def test_rejects_heads_that_do_not_group(tri):
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         tri.paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32),
                                    torch.ones(2, dtype=torch.int32), 0.1)
+
+
+def test_split_count_is_capped_for_very_long_contexts(tri, monkeypatch):
+    """More partitions than MAX_SPLITS asked for: the partition grows instead, and the result is unchanged."""
+    monkeypatch.setattr(tri, "MAX_SPLITS", 2)
+    gen = torch.Generator().manual_seed(7)
+    lens = [90, 33]
+    kc, vc, bt, _ = _paged_cache(lens, 1, 64, 16, torch.float32, "cpu", gen)
+    q = torch.randn(2, 2, 64, generator=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    got = tri.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.125, partition_size=16)
+    torch.testing.assert_close(got, ref.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.125), atol=1e-4, rtol=1e-4)
