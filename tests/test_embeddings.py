@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from serving.embeddings import EmbeddingInputError, Embedder
+from serving.embeddings import Embedder, EmbeddingInputError
 from serving.models import ModelNotFoundError, embedding_model_path
 
 TEXTS = [

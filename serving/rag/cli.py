@@ -38,8 +38,9 @@ def _collect(paths: list[str]) -> list[tuple[str, Path]]:
         path = Path(raw).expanduser()
         if path.is_dir():
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                if f.suffix.lower() in SUPPORTED and not any(part.startswith(".") for part in f.relative_to(path).parts):
-                    found.append((f.relative_to(path).as_posix(), f))
+                rel = f.relative_to(path)
+                if f.suffix.lower() in SUPPORTED and not any(part.startswith(".") for part in rel.parts):
+                    found.append((rel.as_posix(), f))
         elif path.is_file():
             try:
                 file_type(path.name)
