@@ -1,6 +1,7 @@
 """The retriever on a real local Ray Serve instance, called through its handle and through the collections
 router mounted over that handle on a real uvicorn server."""
 
+import asyncio
 import socket
 import threading
 import time
@@ -84,3 +85,26 @@ def test_router_over_the_handle(handle):
         thread.join(10)
     # the handle stays usable after the server's event loop is gone
     assert handle.list_collections.remote().result(timeout_s=60)[0]["name"] in ("docs", "web")
+
+
+def test_grounding_through_the_handle(handle):
+    from serving.rag.errors import CollectionNotFoundError, InvalidInputError
+    from serving.rag.grounding import aretrieve_for_chat
+
+    handle.create_collection.remote("chat").result(timeout_s=120)
+    handle.add_documents.remote("chat", [{"id": "moon", "text": "The Moon orbits the Earth every 27 days."},
+                                         {"id": "sun", "text": "The Sun is a G-type main-sequence star."}]
+                                ).result(timeout_s=120)
+    messages = [{"role": "user", "content": "How long does the Moon take to orbit the Earth?"}]
+
+    async def run(retrieval):
+        return await aretrieve_for_chat(handle, retrieval, messages)
+
+    grounded, citations = asyncio.run(run({"collection": "chat", "k": 1}))
+    assert citations[0]["document_id"] == "moon" and "[1] (document: moon)" in grounded[0]["content"]
+    with pytest.raises(CollectionNotFoundError) as err:
+        asyncio.run(run({"collection": "none"}))
+    assert err.value.param == "retrieval.collection"
+    with pytest.raises(InvalidInputError) as err:
+        asyncio.run(run({"collection": "chat", "filter": {"a": {"$bad": 1}}}))
+    assert err.value.param == "retrieval.filter.a.$bad"

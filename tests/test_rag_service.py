@@ -251,3 +251,17 @@ def test_grounded_chat_messages_and_citations(handbook):
     assert err.value.param == "retrieval.collection" and err.value.status == 404
     with pytest.raises(InvalidInputError, match="user message"):
         retrieve_for_chat(svc, {"collection": "handbook"}, [{"role": "system", "content": "x"}])
+
+
+def test_async_grounding_with_a_local_service(handbook):
+    import asyncio
+
+    from serving.rag.grounding import aretrieve_for_chat
+
+    _, svc = handbook
+    messages = [{"role": "user", "content": "Which VPN client do I install?"}]
+    grounded, citations = asyncio.run(aretrieve_for_chat(svc, {"collection": "handbook", "k": 2}, messages))
+    assert citations[0]["document_id"] == "it-support.html" and grounded[-1] == messages[-1]
+    with pytest.raises(CollectionNotFoundError) as err:
+        asyncio.run(aretrieve_for_chat(svc, {"collection": "nope"}, messages))
+    assert err.value.param == "retrieval.collection"

@@ -21,6 +21,10 @@ class Retriever:
     def __init__(self, home: str | None = None, device: str = "cpu"):
         self.service = CollectionService(home, device=device)
 
+    def ready(self) -> dict:
+        """Answers once the replica is up (the gateway polls it)."""
+        return {"collections": len(self.service.list_collections())}
+
     def create_collection(self, name, embedding_model=None, index="flat", index_params=None, chunk_tokens=None,
                           chunk_overlap=None):
         return self.service.create_collection(name, embedding_model, index, index_params, chunk_tokens,

@@ -3,10 +3,10 @@ citation template, and build the `citations` list returned with the answer.
 
 Synchronous use (a local CollectionService):
     messages, citations = retrieve_for_chat(service, body["retrieval"], body["messages"])
-Asynchronous use (e.g. a Ray Serve handle):
-    req = retrieval_request(body["retrieval"], body["messages"])          # validates, picks the query text
-    result = await handle.query.remote(req["collection"], req["query"], k=req["k"], filter=req["filter"])
-    messages, citations = ground_messages(body["messages"], result, req["template"])
+Asynchronous use (the gateway; `retriever` is the Ray Serve handle of deployment.Retriever, or a service):
+    messages, citations = await aretrieve_for_chat(retriever, body["retrieval"], body["messages"])
+Both raise RagError subclasses (InvalidInputError 400, CollectionNotFoundError 404) with .status, .message,
+.param and .code for the OpenAI error body.
 """
 
 from __future__ import annotations
@@ -94,6 +94,30 @@ def ground_messages(messages: list, query_result: dict, template: str = DEFAULT_
     else:
         out.insert(0, {"role": "system", "content": grounding})
     return out, make_citations(hits)
+
+
+async def aretrieve_for_chat(retriever, retrieval, messages) -> tuple[list, list]:
+    """retrieve_for_chat for async callers: `retriever` is a Ray Serve handle (awaited) or a CollectionService
+    (run in a worker thread). Errors wrapped by Ray are unwrapped to the RagError raised in the replica."""
+    import asyncio
+
+    req = retrieval_request(retrieval, messages)
+    try:
+        if hasattr(retriever.query, "remote"):
+            result = await retriever.query.remote(req["collection"], req["query"], k=req["k"], filter=req["filter"])
+        else:
+            result = await asyncio.to_thread(retriever.query, req["collection"], req["query"], k=req["k"],
+                                             filter=req["filter"])
+    except Exception as exc:
+        from serving.rag.api import as_rag_error
+
+        rag = as_rag_error(exc)
+        if isinstance(rag, CollectionNotFoundError):
+            raise CollectionNotFoundError(rag.message, param="retrieval.collection") from None
+        if rag is not None:
+            raise type(rag)(rag.message, param=rag.param and f"retrieval.{rag.param}", code=rag.code) from None
+        raise
+    return ground_messages(messages, result, req["template"])
 
 
 def retrieve_for_chat(service, retrieval, messages) -> tuple[list, list]:
