@@ -48,6 +48,8 @@ models:
     max_waiting: 1
     enable_prefix_caching: false
     ray_actor_options: {{num_cpus: 0}}
+adapters:
+  - {{name: demo, base: {MODEL}, source: /tmp/loraplex-test-adapter-demo}}
 embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
 rag: {{enabled: false}}
 fine_tuning: {{enabled: false}}
@@ -186,9 +188,12 @@ def test_health_ready_and_not_ready_while_loading(server):
 
 def test_models_list_and_retrieve(client):
     ids = {m.id: m for m in client.models.list().data}
-    assert {MODEL, TINY, EMB} <= set(ids)
+    assert {MODEL, TINY, EMB, f"{MODEL}:demo"} <= set(ids)
     assert ids[MODEL].object == "model" and ids[MODEL].owned_by == "loraplex"
     assert getattr(ids[MODEL], "parent", "missing") is None
+    adapter = ids[f"{MODEL}:demo"]  # configured adapters are listed under their base model
+    assert adapter.parent == MODEL and adapter.root == MODEL
+    assert client.models.retrieve(f"{MODEL}:demo").parent == MODEL
     assert client.models.retrieve(TINY).id == TINY
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("no-such-model")
@@ -356,6 +361,9 @@ def test_error_shapes_and_statuses(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="no-such-model", messages=HELLO)
     assert e.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=f"{MODEL}:no-such-adapter", messages=HELLO)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x")
     with pytest.raises(openai.NotFoundError):

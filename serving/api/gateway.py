@@ -395,13 +395,20 @@ class GatewayCore:
                 return
             self._stats[name][s.get("replica", "?")] = s
 
-        await asyncio.gather(*(one(n) for n in self.llm if n in self.ready))
+        # Serve has no broadcast: ask as many times as the deployment may have replicas, keep one per replica.
+        calls = [one(n) for n in self.llm if n in self.ready for _ in range(self._max_replicas(n))]
+        await asyncio.gather(*calls)
         now = time.time()
         for name, per in self._stats.items():
             for rid in [r for r, s in per.items() if now - s.get("time", now) > STATS_MAX_AGE_S]:
                 del per[rid]
             if per:
                 self.metrics.set_engine_stats(name, list(per.values()))
+
+    def _max_replicas(self, name: str) -> int:
+        spec = self.config.model(name)
+        n = spec.autoscaling.max_replicas if spec.autoscaling else spec.num_replicas
+        return 1 if n == 1 else min(n * 2, 16)
 
     @staticmethod
     async def _await(resp):
