@@ -15,8 +15,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 
 import httpx
