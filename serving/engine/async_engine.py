@@ -149,6 +149,35 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
                 self._commands.put(("abort", request_id))
 
+    async def add_lora(self, name: str, source: str) -> None:
+        """Load an adapter off the request path: files are read in a worker thread while steps go on, then
+        registered between two steps."""
+        import time
+
+        from serving.engine.lora import AdapterInfo
+
+        manager = self.engine._lora()
+        with manager.lock:
+            if name in manager.info:
+                from serving.engine.errors import AdapterError
+
+                raise AdapterError(f"an adapter named {name!r} already exists", param="name", code="adapter_exists")
+            manager.info[name] = AdapterInfo(name, str(source))
+        start = time.monotonic()
+        try:
+            weights = await asyncio.to_thread(manager.load, name, source)
+        except BaseException:
+            with manager.lock:
+                manager.info.pop(name, None)
+            raise
+        await asyncio.wrap_future(self.run_in_engine(lambda e: manager.register(weights, time.monotonic() - start)))
+
+    async def remove_lora(self, name: str) -> None:
+        await asyncio.wrap_future(self.run_in_engine(lambda e: e.remove_lora(name)))
+
+    def list_loras(self) -> list:
+        return self.engine.lora.list() if self.engine.lora is not None else []
+
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 

@@ -38,6 +38,7 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests beyond this get EngineOverloadedError (HTTP 429)
     enable_prefix_caching: bool = True
     seed: int = 0
+    enable_lora: bool = True  # slot buffers are allocated on the first adapter, so this costs nothing unused
     max_loras: int = 8  # adapters resident in device slots at once
     max_lora_rank: int = 64
     max_cpu_loras: int = 64  # adapters kept in host memory (LRU)

@@ -55,3 +55,12 @@ class AdapterError(InvalidRequestError):
 
     def __init__(self, message: str, param: str | None = "model", code: str | None = "adapter_error"):
         super().__init__(message, param=param, code=code)
+
+
+class AdapterNotFoundError(AdapterError):
+    """A request names an adapter this model has not loaded (HTTP 404, like an unknown model)."""
+
+    status = 404
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="model_not_found")

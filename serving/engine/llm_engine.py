@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from pathlib import Path
 import uuid
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import torch
 
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
-from serving.engine.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from serving.engine.errors import AdapterError, AdapterNotFoundError, ContextLengthExceededError, InvalidRequestError, ModelLoadError
 from serving.engine.kv_cache import BlockAllocator
 from serving.engine.loader import build_model, load_generation_eos
 from serving.engine.model import ForwardBatch
@@ -52,7 +53,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
 
+        import kernels
+
         self.config = config
+        kernels.set_backend(config.kernels)
         self.device = pick_device(config.device)
         dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.dtype = dtype
@@ -78,7 +82,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self.lora = None  # serving.engine.lora.LoRAManager, attached by the multi-LoRA layer
+        self.lora = None
+        if config.enable_lora:
+            from serving.engine.lora import LoRAManager
+
+            names = {config.name, config.model, Path(self.model_path).name}
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, names)
+            self.scheduler.lora = self.lora
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
 
@@ -116,9 +126,9 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         prompt_ids = self.tokenize(prompt)
         self.check_request(prompt_ids, params)
-        slot = self.lora.acquire(lora_name) if (self.lora is not None and lora_name) else -1
-        if lora_name and self.lora is None:
-            raise InvalidRequestError(f"adapter {lora_name!r} requested but LoRA is not enabled", param="model")
+        if lora_name and (self.lora is None or not self.lora.known(lora_name)):
+            raise AdapterNotFoundError(f"The model '{self.name}:{lora_name}' does not exist: no adapter named "
+                                       f"{lora_name!r} is loaded")
         seqs, detoks = [], []
         for i in range(params.n):
             gen = None
@@ -126,7 +136,7 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed((params.seed if params.seed is not None else torch.seed() % 2**62) + i)
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), len(prompt_ids), params,
-                           lora_name=lora_name, lora_slot=slot, generator=gen)
+                           lora_name=lora_name, generator=gen)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                                  params.stop, params.include_stop_str_in_output))
@@ -149,12 +159,26 @@ class LLMEngine:
             if seq.index not in req.reported:
                 outs.append(CompletionOutput(seq.index, "", [], None, seq.finish_reason, seq.stop_reason,
                                              seq.num_output_tokens))
-        self._release_lora(req)
         return RequestOutput(request_id, req.prompt_ids, outs, True, metrics=req.metrics)
 
-    def _release_lora(self, req: _Request) -> None:
-        if self.lora is not None and req.seqs and req.seqs[0].lora_name:
-            self.lora.release(req.seqs[0].lora_name)
+    # ---- adapters -------------------------------------------------------------------------------------
+    def _lora(self):
+        if self.lora is None:
+            raise AdapterError("LoRA is disabled for this model (enable_lora: false)", param="model")
+        return self.lora
+
+    def add_lora(self, name: str, source: str) -> None:
+        """Load a PEFT adapter folder and make it servable as `name` (synchronous; see AsyncEngine.add_lora)."""
+        if name in self._lora().info:
+            raise AdapterError(f"an adapter named {name!r} already exists", param="name", code="adapter_exists")
+        start = time.monotonic()
+        weights = self._lora().load(name, source)
+        self._lora().register(weights, time.monotonic() - start)
+
+    def remove_lora(self, name: str) -> None:
+        if self.lora is None or name not in self.lora.info:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded")
+        self.lora.unregister(name)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -205,7 +229,7 @@ class LLMEngine:
         for seq in sampled:
             seq.first_scheduled_time = seq.first_scheduled_time or now
         lora_apply = None
-        if self.lora is not None:
+        if self.lora is not None and self.lora.a:
             lora_apply = self.lora.prepare_batch(out, batch)
         logits = self.model(batch, self.kv_caches, lora_apply)
         self.scheduler.after_step(out)
@@ -272,7 +296,6 @@ class LLMEngine:
         if finished:
             req.metrics["finished"] = time.monotonic()
             self.requests.pop(req.request_id, None)
-            self._release_lora(req)
         cached = req.seqs[0].num_cached_tokens if req.seqs else 0
         return RequestOutput(req.request_id, req.prompt_ids, outs, finished, cached, dict(req.metrics))
 

@@ -51,6 +51,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.lora = None  # LoRAManager: sequences hold an adapter slot while running
+
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,6 +75,9 @@ class Scheduler:
         self.allocator.release(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        if seq.lora_slot >= 0:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -118,6 +123,12 @@ class Scheduler:
             if need > self.allocator.num_free:
                 self._free(seq)
                 break
+            if seq.lora_name and seq.lora_slot < 0:
+                slot = self.lora.acquire(seq.lora_name)
+                if slot is None:  # every adapter slot is busy: wait for one to free up
+                    self._free(seq)
+                    break
+                seq.lora_slot = slot
             seq.block_table += self.allocator.allocate(need)
             self.waiting.popleft()
             seq.status = Status.RUNNING
