@@ -1,0 +1,96 @@
+"""Multi-LoRA throughput: the engine workload with 0, 1, 8 and 32 distinct adapters (rank 16, all projections).
+
+Every request of a run names one of the N adapters round-robin (N = 0: the base model), all in one batch.
+Prints output tokens/s per N and the ratio to base-only, then one JSON line.
+
+  python benchmarks/multi_lora.py [--requests 32] [--max-tokens 128] [--adapters 0,1,8,32] [--rank 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.common import emit, machine, workload_prompts
+
+console = Console()
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_adapters(base_path: str, n: int, rank: int, folder: str) -> list[str]:
+    """n random PEFT adapters (non-zero A and B) for the base model, written as PEFT does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_path)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL))
+    paths = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        path = f"{folder}/adapter-{i}"
+        model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--adapters", default="0,1,8,32")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--kv-cache", default="2GiB")
+    args = ap.parse_args(argv)
+    counts = [int(x) for x in args.adapters.split(",")]
+
+    from serving.engine import EngineConfig, SamplingParams
+    from serving.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
+                                    max_num_batched_tokens=2048, max_loras=max(counts + [1]),
+                                    max_lora_rank=args.rank, enable_prefix_caching=False))
+    prompt_ids = [engine.tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    results = {"machine": machine(), "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank}
+    with tempfile.TemporaryDirectory() as tmp:
+        with console.status("writing adapters"):
+            paths = write_adapters(engine.model_path, max(counts), args.rank, tmp)
+        for i, path in enumerate(paths):
+            engine.add_lora(f"adapter-{i}", path)
+        engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        for n in counts:
+            names = [f"adapter-{i % n}" if n else None for i in range(args.requests)]
+            with console.status(f"{n} adapters"):
+                start = time.perf_counter()
+                outs = engine.generate(prompt_ids, params, lora_names=names)
+                elapsed = time.perf_counter() - start
+            tok_s = sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+            results[f"tok_s_{n}_adapters"] = tok_s
+            console.print(f"{n:>3} adapters: {tok_s:.1f} tok/s")
+    base = results.get("tok_s_0_adapters")
+    table = Table(title=f"multi-LoRA throughput - {results['machine']}")
+    for col in ("adapters", "tok/s", "vs base-only"):
+        table.add_column(col)
+    for n in counts:
+        v = results[f"tok_s_{n}_adapters"]
+        ratio = v / base if base else None
+        if ratio is not None:
+            results[f"ratio_{n}_adapters"] = ratio
+        table.add_row(str(n), f"{v:.1f}", f"{ratio:.2f}x" if ratio else "-")
+    console.print(table)
+    emit(results)
+
+
+if __name__ == "__main__":
+    main()
