@@ -38,6 +38,8 @@ def test_cross_field_rules(tmp_path):
         validate_config({**base, "bf16": True, "fp16": True})
     with pytest.raises(ConfigError, match="register_as: Value error, 'bad name!'"):
         validate_config({**base, "register_as": "bad name!"})
+    with pytest.raises(ConfigError, match="alias: Value error, 'latest' cannot be an MLflow alias"):
+        validate_config({**base, "register_as": "m", "alias": "latest"})
     with pytest.raises(ConfigError, match="datasets: List should have at least 1 item"):
         validate_config({"datasets": []})
     cfg = validate_config(base)

@@ -96,6 +96,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{v!r} is not a valid name (letters, digits, '_', '.', '-'; at most 128)")
         return v
 
+    @field_validator("alias")
+    @classmethod
+    def _alias_not_reserved(cls, v):
+        if v is not None and (v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v) or "." in v):
+            raise ValueError(f"{v!r} cannot be an MLflow alias ('latest' and v<N> are reserved; no dots)")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self):
         if self.num_epochs is None and self.max_steps is None:

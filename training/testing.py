@@ -36,3 +36,16 @@ def qa_records(n: int = 12) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"What is code {i}?"},
                           {"role": "assistant", "content": f"Code {i} is {i * 7 + 3} blue widgets."}]}
             for i in range(n)]
+
+
+def isolated_home(root: str | Path) -> Path:
+    """A fresh LORAPLEX_HOME under root that shares the real data dir's converted models (no re-conversion)."""
+    from loraplex.paths import home
+    from serving.models import prepare_default_model
+
+    prepare_default_model()
+    new = Path(root) / "home"
+    new.mkdir(parents=True, exist_ok=True)
+    if not (new / "models").exists():
+        (new / "models").symlink_to(home() / "models", target_is_directory=True)
+    return new
