@@ -31,15 +31,27 @@ def _replica_id() -> str:
 class LLMServer:
     """One base model: an engine per replica; adapters are served through the same engine (lora_name)."""
 
-    def __init__(self, spec: dict, adapters: dict[str, str] | None = None):
+    async def __init__(self, spec: dict, adapters: dict[str, str] | None = None,
+                       adapter_roots: list[str] | None = None):
         from serving.api.backend import ModelBackend
         from serving.engine import EngineConfig
         from serving.engine.async_engine import AsyncEngine
 
         self.spec = ModelSpec.model_validate(spec)
         engine = AsyncEngine(EngineConfig(**self.spec.engine_kwargs()))
-        self.backend = ModelBackend(engine, self.spec.name, adapters)
+        self.backend = ModelBackend(engine, self.spec.name)
+        self.roots = list(adapter_roots or [])
         self.replica = _replica_id()
+        # Config adapters first (not restricted to the roots), then those added at run time (registry).
+        from serving.adapters import read_registry
+
+        startup = [(n, s, False) for n, s in (adapters or {}).items()]
+        startup += [(n, s, True) for n, s in read_registry().get(self.spec.name, {}).items() if n not in (adapters or {})]
+        for name, source, check in startup:
+            try:
+                await self.backend.add_adapter(name, source, check_roots=check, roots=self.roots)
+            except Exception as exc:  # one bad adapter must not take the model down
+                log.error("adapter %s of %s failed to load: %s", name, self.spec.name, exc)
         log.info("model %s loaded on replica %s (max_model_len %d)", self.spec.name, self.replica,
                  engine.max_model_len)
 
@@ -57,8 +69,43 @@ class LLMServer:
 
     async def stream(self, req: dict):
         """Streaming: the accepted/error item, then engine deltas (see serving.api.backend)."""
+        adapter = req.get("adapter")
+        if adapter and adapter not in self.backend.adapters:
+            await self._sync_adapter(adapter)
         async for item in self.backend.stream(req):
             yield item
+
+    async def _sync_adapter(self, name: str) -> None:
+        """Another replica added this adapter through the API: load it here too (see serving.adapters)."""
+        from serving.adapters import read_registry
+
+        source = read_registry().get(self.spec.name, {}).get(name)
+        if source is not None:
+            try:
+                await self.backend.add_adapter(name, source, roots=self.roots)
+            except Exception as exc:
+                log.warning("adapter %s from the registry failed to load: %s", name, exc)
+
+    async def add_adapter(self, name: str, source: str) -> dict:
+        """Admin API: {"ok": True, "adapter": card} or {"ok": False, "error": OpenAI error dict}."""
+        from serving.api.errors import APIError
+
+        try:
+            return {"ok": True, "adapter": await self.backend.add_adapter(name, source, roots=self.roots)}
+        except APIError as err:
+            return {"ok": False, "error": err.to_dict()}
+
+    async def remove_adapter(self, name: str) -> dict:
+        from serving.api.errors import APIError
+
+        try:
+            await self.backend.remove_adapter(name)
+            return {"ok": True}
+        except APIError as err:
+            return {"ok": False, "error": err.to_dict()}
+
+    async def adapters(self) -> list[dict]:
+        return self.backend.adapter_cards()
 
     def check_health(self) -> None:
         thread = getattr(self.backend.engine, "_thread", None)
@@ -104,7 +151,10 @@ class Gateway:
         from serving.config import ServeConfig
 
         cfg = ServeConfig.model_validate(config)
+        from serving.api.adapter_routes import build_router as adapter_router
+
         self.core = GatewayCore(cfg, llm_handles, embed_handle, routers=_optional_routers(cfg, rag_handle))
+        self.core.extra_routers.append(adapter_router(self.core))
         self.core.start()
 
     def __serve_build_asgi_app__(self):
@@ -159,7 +209,7 @@ def build_app(config: ServeConfig):
             ray_actor_options=spec.ray_actor_options.to_ray(),
             max_ongoing_requests=spec.max_num_seqs + spec.max_waiting + 8,
             **_scaling(spec),
-        ).bind(spec.model_dump(), adapters)
+        ).bind(spec.model_dump(), adapters, config.adapter_roots)
     embed = None
     if config.embeddings.enabled:
         e = config.embeddings

@@ -158,6 +158,7 @@ class ServeConfig(_Strict):
     server: ServerSpec = Field(default_factory=ServerSpec)
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name=DEFAULT_MODEL)], min_length=1)
     adapters: list[AdapterSpec] = Field(default_factory=list)
+    adapter_roots: list[str] = Field(default_factory=list, description="extra folders API-loaded adapters may come from")
     embeddings: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
     rag: RagSpec = Field(default_factory=RagSpec)
     fine_tuning: FineTuningSpec = Field(default_factory=FineTuningSpec)

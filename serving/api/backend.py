@@ -150,6 +150,41 @@ class ModelBackend:
         except Exception:
             pass
 
+    # ---- adapters -------------------------------------------------------------------------------
+    async def add_adapter(self, name: str, source: str, check_roots: bool = True,
+                          roots: list[str] | None = None) -> dict:
+        """Resolve `source` (folder or MLflow URI) and load it into the engine; returns the adapter's card."""
+        from serving.adapters import resolve_source
+        from serving.engine.errors import EngineError
+
+        if name in self.adapters:
+            raise APIError(409, f"an adapter named {name!r} is already loaded on {self.name}", param="name",
+                           code="adapter_exists")
+        try:
+            path = await asyncio.to_thread(resolve_source, source, roots, check_roots)
+            await self.engine.add_lora(name, str(path))
+        except EngineError as exc:
+            raise APIError.from_engine(exc) from None
+        self.adapters[name] = source
+        return self.adapter_card(name)
+
+    async def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise APIError(404, f"no adapter named {name!r} on {self.name}", param="name", code="adapter_not_found")
+        await self.engine.remove_lora(name)
+        del self.adapters[name]
+
+    def adapter_card(self, name: str) -> dict:
+        info = next((i for i in self.engine.list_loras() if i.name == name), None)
+        return {"id": f"{self.name}:{name}", "object": "adapter", "name": name, "base": self.name,
+                "source": self.adapters.get(name, info.source if info else None),
+                "state": info.state if info else "unknown", "rank": info.rank if info else None,
+                "target_modules": info.target_modules if info else [],
+                "load_time_s": info.load_time_s if info else None}
+
+    def adapter_cards(self) -> list[dict]:
+        return [self.adapter_card(n) for n in sorted(self.adapters)]
+
     # ---- introspection --------------------------------------------------------------------------
     def model_cards(self) -> list[dict]:
         cards = [{"id": self.name, "object": "model", "created": self.created, "owned_by": "loraplex",

@@ -93,6 +93,13 @@ class GatewayCore:
         self._stats: dict[str, dict[str, dict]] = {name: {} for name in self.llm}
         self._pollers: list[asyncio.Task] = []
         self.extra_routers = routers or []
+        from serving.adapters import read_registry
+
+        # adapter name -> base model, so `model: "<adapter>"` works without the base prefix
+        self.adapter_bases = {a.name: a.base for a in config.adapters}
+        for base, names in read_registry().items():
+            if base in self.llm:
+                self.adapter_bases.update({n: base for n in names})
 
     # ---- readiness ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,6 +136,8 @@ class GatewayCore:
 
     def resolve(self, model: str) -> tuple[str, str | None]:
         base, adapter = split_model(model)
+        if adapter is None and base not in self.llm and base in self.adapter_bases:
+            base, adapter = self.adapter_bases[base], base
         if base not in self.llm:
             raise not_found_model(model, list(self.llm))
         self._check_ready(base)

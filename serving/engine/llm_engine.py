@@ -83,7 +83,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.lora = None
-        if config.enable_lora:
+        if config.enable_lora and config.max_loras > 0:
             from serving.engine.lora import LoRAManager
 
             names = {config.name, config.model, Path(self.model_path).name}

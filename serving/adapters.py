@@ -1,0 +1,98 @@
+"""Where served adapters come from: sources (local folders, MLflow URIs), allowed roots, the shared registry.
+
+Adapters named in the serve config are loaded at start-up. Adapters added through `POST /v1/adapters` are
+recorded in $LORAPLEX_HOME/adapters/registry.json as well, so every replica of a model (Serve has no
+broadcast) and a restarted server find them: a replica that meets an adapter it does not hold looks it up
+there and loads it. Local folders given through the API must lie inside the configured adapter roots
+(default: $LORAPLEX_HOME/adapters and the local MLflow artifact store), so a client cannot make the server
+read arbitrary paths; config-file adapters are the operator's choice and are not restricted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from loraplex.paths import subdir
+from serving.engine.errors import AdapterError
+
+_lock = threading.Lock()
+
+
+def default_roots() -> list[Path]:
+    roots = [subdir("adapters")]
+    try:
+        from training.tracking import tracking_uri, _local_artifact_root
+
+        art = _local_artifact_root(tracking_uri())
+        if art:
+            roots.append(Path(art))
+    except Exception:  # training extras missing or a remote tracking server: only the adapters folder
+        pass
+    return roots
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(("models:/", "runs:/"))
+
+
+def resolve_source(source: str, roots: list[str | Path] | None = None, check_roots: bool = True) -> Path:
+    """A local PEFT folder for `source`: MLflow URIs are downloaded (cached); folders are checked against roots."""
+    if not isinstance(source, str) or not source.strip():
+        raise AdapterError("source must be a folder path or an MLflow URI", param="source")
+    if is_mlflow_uri(source):
+        try:
+            from training.registry import resolve_adapter_uri
+
+            return Path(resolve_adapter_uri(source))
+        except AdapterError:
+            raise
+        except Exception as exc:  # unknown model/alias/run, unreachable tracking server
+            raise AdapterError(f"cannot resolve {source!r} in MLflow: {exc}", param="source") from None
+    path = Path(source).expanduser().resolve()
+    if check_roots:
+        allowed = [Path(r).expanduser().resolve() for r in (roots or default_roots())]
+        if not any(path == r or r in path.parents for r in allowed):
+            raise AdapterError(f"adapter path {source!r} is outside the allowed adapter roots "
+                               f"({', '.join(str(r) for r in allowed)}); add a root in the serve config",
+                               param="source", code="adapter_path_not_allowed")
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {source!r} does not exist", param="source")
+    return path
+
+
+def _registry_file() -> Path:
+    return subdir("adapters") / "registry.json"
+
+
+def read_registry() -> dict[str, dict[str, str]]:
+    """{base model: {adapter name: source}} of adapters added at run time."""
+    path = _registry_file()
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_registry(data: dict) -> None:
+    path = _registry_file()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registry-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves the old or the new registry, never half of one
+
+
+def record(base: str, name: str, source: str | None) -> None:
+    """Add (source) or remove (None) a run-time adapter in the shared registry."""
+    with _lock:
+        data = read_registry()
+        if source is None:
+            data.get(base, {}).pop(name, None)
+        else:
+            data.setdefault(base, {})[name] = source
+        _write_registry(data)

@@ -1,0 +1,103 @@
+"""Admin API for LoRA adapters, without restarting: POST/GET /v1/adapters, GET/DELETE /v1/adapters/{name}.
+
+The gateway forwards to the base model's deployment, which resolves the source (local folder inside the
+adapter roots, or an MLflow URI such as models:/support-bot@champion) and loads it off the request path;
+success is recorded in the shared registry (serving.adapters) for the model's other replicas and restarts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+
+from serving.api.errors import APIError
+
+
+def _base_from_adapter_config(source: str) -> str | None:
+    try:
+        return json.loads((Path(source).expanduser() / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def build_router(core) -> APIRouter:
+    """`core` is the GatewayCore: its `llm` handles and its `adapter_bases` index (adapter name -> base)."""
+    router = APIRouter()
+
+    def pick_base(body: dict, name: str) -> str:
+        base = body.get("base") or body.get("model")
+        if base is None:
+            if len(core.llm) == 1:
+                return next(iter(core.llm))
+            declared = _base_from_adapter_config(body["source"])
+            if declared in core.llm:
+                return declared
+            raise APIError(400, f"say which base model adapter {name!r} is for: 'base' is one of "
+                                f"{', '.join(core.llm)}", param="base", code="missing_base")
+        if base not in core.llm:
+            raise APIError(404, f"The model `{base}` does not exist.", param="base", code="model_not_found")
+        return base
+
+    @router.post("/v1/adapters")
+    async def add_adapter(request: Request):
+        from serving.adapters import record
+
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "the body must be JSON: {\"name\": ..., \"source\": ...}", code="invalid_json")
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_request")
+        for key in ("name", "source"):
+            if not isinstance(body.get(key), str) or not body[key].strip():
+                raise APIError(400, f"'{key}' is required and must be a non-empty string", param=key,
+                               code="missing_field")
+        name, source = body["name"], body["source"]
+        if ":" in name or "/" in name or len(name) > 128:
+            raise APIError(400, f"{name!r} is not a usable adapter name (no ':' or '/', at most 128 characters)",
+                           param="name", code="invalid_value")
+        base = pick_base(body, name)
+        if name in core.llm or (name in core.adapter_bases and core.adapter_bases[name] != base):
+            raise APIError(409, f"the name {name!r} is already in use", param="name", code="adapter_exists")
+        core._check_ready(base)
+        result = await core.llm[base].add_adapter.remote(name, source)
+        if not result["ok"]:
+            raise APIError.from_dict(result["error"])
+        record(base, name, source)
+        core.adapter_bases[name] = base
+        return result["adapter"]
+
+    @router.get("/v1/adapters")
+    async def list_adapters():
+        cards = []
+        for base, handle in core.llm.items():
+            if base in core.ready:
+                cards.extend(await handle.adapters.remote())
+        return {"object": "list", "data": cards}
+
+    @router.get("/v1/adapters/{name}")
+    async def get_adapter(name: str):
+        for card in (await list_adapters())["data"]:
+            if card["name"] == name or card["id"] == name:
+                return card
+        raise APIError(404, f"no adapter named {name!r}", param="name", code="adapter_not_found")
+
+    @router.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str):
+        from serving.adapters import record
+
+        base, _, adapter = name.rpartition(":")
+        adapter = adapter or name
+        base = base or core.adapter_bases.get(adapter)
+        if base not in core.llm:
+            raise APIError(404, f"no adapter named {name!r}", param="name", code="adapter_not_found")
+        result = await core.llm[base].remove_adapter.remote(adapter)
+        if not result["ok"]:
+            raise APIError.from_dict(result["error"])
+        record(base, adapter, None)
+        core.adapter_bases.pop(adapter, None)
+        return {"id": f"{base}:{adapter}", "object": "adapter", "deleted": True}
+
+    return router
