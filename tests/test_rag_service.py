@@ -107,6 +107,13 @@ def test_reingest_replaces_chunks_and_dedupes(tmp_path, embedder):
         "status"] == "unchanged"
     dup = svc.add_documents("c", [{"id": "b", "text": "The office cat is called Mittens."}])["data"][0]
     assert dup["status"] == "duplicate" and dup["duplicate_of"] == "a"
+    # same text, new metadata: no new chunks, the filter sees the new metadata at once
+    meta = svc.add_documents("c", [{"id": "a", "text": "The office cat is called Mittens.",
+                                    "metadata": {"pet": "cat"}}])["data"][0]
+    assert meta == {"id": "a", "status": "updated", "chunks": 0}
+    assert svc.query("c", "cat", k=1, filter={"pet": "cat"})["data"][0]["metadata"] == {"pet": "cat"}
+    with pytest.raises(InvalidInputError, match="metadata is not JSON"):
+        svc.add_documents("c", [{"id": "n", "text": "x", "metadata": {"s": {1, 2}}}])
     upd = svc.add_documents("c", [{"id": "a", "text": "The office dog is called Rex."}])["data"][0]
     assert upd["status"] == "updated"
     hits = svc.query("c", "what is the cat called?", k=5)["data"]

@@ -204,6 +204,10 @@ class CollectionService:
             if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
                 raise InvalidInputError(f"{where}.metadata must be an object with string keys",
                                         param=f"{where}.metadata")
+            try:
+                json.dumps(metadata, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"{where}.metadata is not JSON: {exc}", param=f"{where}.metadata") from None
             if source is not None and not isinstance(source, str):
                 raise InvalidInputError(f"{where}.source must be a string", param=f"{where}.source")
             out.append({"id": doc_id, "text": text, "hash": content_hash, "metadata": metadata, "source": source})
@@ -212,15 +216,17 @@ class CollectionService:
     def _skip_reason(self, conn, name: str, doc: dict, taken: dict[str, str]) -> tuple[str, str | None] | None:
         old = self.store.get_document(conn, name, doc["id"])
         if old is not None and old["content_hash"] == doc["hash"]:
-            return ("unchanged", None) if json.loads(old["metadata"]) == doc["metadata"] else None
+            # Same text: nothing to re-embed; only the metadata may have changed.
+            return ("unchanged" if json.loads(old["metadata"]) == doc["metadata"] else "metadata", None)
         other = taken.get(doc["hash"]) or self.store.find_by_hash(conn, name, doc["hash"])
         if other is not None and other != doc["id"]:
             return "duplicate", other
         return None
 
     def add_documents(self, name: str, documents: list, progress: Callable[[int], None] | None = None) -> dict:
-        """Add or replace documents. Per document status: created, updated (its old chunks replaced),
-        unchanged (same id and content) or duplicate (same content as another document: not indexed)."""
+        """Add or replace documents. Per document status: created, updated (its old chunks replaced, or only
+        its metadata when the text is the same), unchanged (same id, text and metadata) or duplicate (same text
+        as another document: not indexed)."""
         coll = self.store.get_collection(name)
         docs = self._prepare(coll, documents)
         embedder = self.embedder(coll["embedding_model"])
@@ -253,8 +259,14 @@ class CollectionService:
                     removed: list[int] = []
                     added_ids: list[int] = []
                     added_vecs: list[np.ndarray] = []
+                    metadata_changed = False
                     for doc in docs:
                         skip = self._skip_reason(conn, name, doc, taken)
+                        if skip is not None and skip[0] == "metadata":
+                            self.store.update_metadata(conn, name, doc["id"], doc["metadata"])
+                            metadata_changed = True
+                            results.append({"id": doc["id"], "status": "updated", "chunks": 0})
+                            continue
                         if skip is not None:
                             results.append({"id": doc["id"], "status": skip[0], "chunks": 0,
                                             **({"duplicate_of": skip[1]} if skip[1] else {})})
@@ -273,7 +285,7 @@ class CollectionService:
                         taken[doc["hash"]] = doc["id"]
                         results.append({"id": doc["id"], "status": "updated" if old is not None else "created",
                                         "chunks": len(doc["chunks"])})
-                    if removed or added_ids:
+                    if removed or added_ids or metadata_changed:
                         seq = self.store.bump_seq(conn, name)
                         index.remove(removed)
                         index.add(added_ids, np.concatenate(added_vecs) if added_vecs else

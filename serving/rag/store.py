@@ -186,6 +186,11 @@ class Store:
             (name, doc_id, content_hash, json.dumps(metadata), source, chars, created_at or now, now))
 
     @staticmethod
+    def update_metadata(conn, name: str, doc_id: str, metadata: dict) -> None:
+        conn.execute("UPDATE documents SET metadata=?, updated_at=? WHERE collection=? AND doc_id=?",
+                     (json.dumps(metadata), int(time.time()), name, doc_id))
+
+    @staticmethod
     def insert_chunks(conn, name: str, doc_id: str, chunks, vectors: np.ndarray) -> list[int]:
         ids = []
         for pos, (chunk, vec) in enumerate(zip(chunks, vectors)):
