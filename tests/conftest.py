@@ -57,3 +57,32 @@ def tiny_model_factory(tmp_path_factory, default_model_path):
         return cache[key]
 
     return make
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_lora_adapter(base_path, folder, rank, seed, targets=LORA_TARGETS, alpha=None, rslora=False,
+                      std=0.3, base_name=None):
+    """A PEFT LoRA with random A and B (PEFT starts B at zero, which would make every adapter a no-op)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
+                                            use_rslora=rslora, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.save_pretrained(folder)
+    if base_name:
+        import json
+        from pathlib import Path
+
+        cfg_file = Path(folder) / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = base_name
+        cfg_file.write_text(json.dumps(cfg))
+    return str(folder)

@@ -9,24 +9,13 @@ from transformers import AutoModelForCausalLM
 from serving.engine import EngineConfig, SamplingParams
 from serving.engine.errors import AdapterError, AdapterNotFoundError
 from serving.engine.llm_engine import LLMEngine
+from tests.conftest import make_lora_adapter
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_adapter(base_path, folder, rank, seed, targets=ALL, alpha=None, rslora=False):
-    """A PEFT LoRA with random A and B (PEFT starts B at zero, which would make every adapter a no-op)."""
-    from peft import LoraConfig, get_peft_model
-
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets,
-                                            use_rslora=rslora, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(folder)
-    return str(folder)
+    return make_lora_adapter(base_path, folder, rank, seed, targets=targets, alpha=alpha, rslora=rslora)
 
 
 def peft_merged_greedy(base_path, adapter, prompts, max_tokens):
