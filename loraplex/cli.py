@@ -51,4 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m loraplex.cli`: use the importable module so CLIError is the same class everywhere.
+    from loraplex.cli import main as _main
+
+    sys.exit(_main())

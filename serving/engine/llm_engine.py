@@ -110,6 +110,8 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"top_k must be at most the vocabulary size {vocab}", param="top_k")
         if any(t < 0 or t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         total = len(prompt_ids) + (params.max_tokens or 1)
@@ -226,8 +228,11 @@ class LLMEngine:
         now = time.monotonic()
         batch = self._build_batch(out)
         sampled = [s.seq for s in out.prefills if s.samples] + [s.seq for s in out.decodes]
-        for seq in sampled:
-            seq.first_scheduled_time = seq.first_scheduled_time or now
+        for s in out.prefills + out.decodes:
+            s.seq.first_scheduled_time = s.seq.first_scheduled_time or now
+            req = self.requests.get(s.seq.request_id)
+            if req is not None:
+                req.metrics.setdefault("first_scheduled", now)
         lora_apply = None
         if self.lora is not None and self.lora.a:
             lora_apply = self.lora.prepare_batch(out, batch)
