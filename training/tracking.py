@@ -36,12 +36,32 @@ def _local_artifact_root(uri: str) -> str | None:
     return None
 
 
+_READY: set[str] = set()
+
+
+def _init_sqlite(uri: str) -> None:
+    """Create/migrate the SQLite store under a file lock: concurrent first runs would race on the schema."""
+    import fcntl
+
+    if uri in _READY:
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            client(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    _READY.add(uri)
+
+
 def check_reachable(uri: str | None = None, timeout: float = 5.0) -> str:
     """Fail fast (before any model loads) when an HTTP tracking server does not answer its /health."""
     uri = uri or tracking_uri()
     if urlparse(uri).scheme not in ("http", "https"):
         if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            _init_sqlite(uri)
         return uri
     import httpx
 
