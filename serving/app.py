@@ -153,7 +153,8 @@ class Gateway:
         cfg = ServeConfig.model_validate(config)
         from serving.api.adapter_routes import build_router as adapter_router
 
-        self.core = GatewayCore(cfg, llm_handles, embed_handle, routers=_optional_routers(cfg, rag_handle))
+        self.core = GatewayCore(cfg, llm_handles, embed_handle, routers=_optional_routers(cfg, rag_handle),
+                                rag_handle=rag_handle)
         self.core.extra_routers.append(adapter_router(self.core))
         self.core.start()
 
@@ -225,4 +226,14 @@ def build_app(config: ServeConfig):
     return Gateway.options(
         name="gateway", num_replicas=s.num_replicas, ray_actor_options=s.ray_actor_options.to_ray(),
         max_ongoing_requests=4096,
-    ).bind(config.model_dump(), llm, embed, rag)
+    ).bind(_with_data_paths(config), llm, embed, rag)
+
+
+def _with_data_paths(config: ServeConfig) -> dict:
+    """The config for the gateway, its governance database and audit log pinned to this process's data dir
+    (a replica on another node must not fall back to its own $LORAPLEX_HOME)."""
+    data = config.model_dump()
+    gov = config.governance
+    data["governance"]["database"] = str(gov.database_path())
+    data["governance"]["audit"]["path"] = str(gov.audit_path())
+    return data

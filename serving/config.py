@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serving.governance.config import GovernanceConfig, ModelPrice
 from serving.models import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
@@ -25,9 +26,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Price(_Strict):
-    input_per_1m: float = Field(0.0, ge=0, description="USD per 1M prompt tokens")
-    output_per_1m: float = Field(0.0, ge=0, description="USD per 1M completion tokens")
+# The default model's price when its config gives none, so a self-hosted model is never silently free: a
+# 2-vCPU cloud machine at $0.10/hour over rough fp32 CPU throughput (not a measurement: measure yours with
+# benchmarks/engine_throughput.py and set `price` in the serve config).
+DEFAULT_MODEL_PRICE = ModelPrice(gpu_hour_usd=0.10, input_tok_s=400.0, output_tok_s=60.0)
+UNBOUNDED_CONTEXT = 10**9  # a model whose context length is its own: known only once it has loaded
 
 
 class ActorOptions(_Strict):
@@ -77,7 +80,9 @@ class ModelSpec(_Strict):
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
-    price: Price = Field(default_factory=Price)
+    price: ModelPrice | None = Field(
+        None, description="USD per 1M tokens, or gpu_hour_usd with measured throughput; None: the default "
+                          "model's built-in price (others must set one while governance is enabled)")
 
     @field_validator("name")
     @classmethod
@@ -94,6 +99,12 @@ class ModelSpec(_Strict):
         if parse_bytes(v) <= 0:
             raise ValueError("must be a positive size")
         return v
+
+    def resolved_price(self) -> ModelPrice | None:
+        """The configured price, else the built-in one for the default model, else None."""
+        if self.price is not None:
+            return self.price
+        return DEFAULT_MODEL_PRICE if self.source == DEFAULT_MODEL else None
 
     def engine_kwargs(self) -> dict:
         """Keyword arguments for serving.engine.EngineConfig."""
@@ -162,6 +173,8 @@ class ServeConfig(_Strict):
     embeddings: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
     rag: RagSpec = Field(default_factory=RagSpec)
     fine_tuning: FineTuningSpec = Field(default_factory=FineTuningSpec)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
+    routes: dict[str, Any] = Field(default_factory=dict, description="route name -> serving.router RouteConfig")
 
     @model_validator(mode="after")
     def _cross(self):
@@ -178,7 +191,57 @@ class ServeConfig(_Strict):
             if (a.base, a.name) in seen:
                 raise ValueError(f"adapters[{i}].name: duplicate adapter {a.name!r} for {a.base!r}")
             seen.add((a.base, a.name))
+        if self.governance.enabled:
+            for i, m in enumerate(self.models):
+                if m.resolved_price() is None and m.name not in self.governance.prices:
+                    raise ValueError(
+                        f"models[{i}].price: model {m.name!r} (source {m.source!r}) has no price; governance "
+                        "charges every request, so set input_per_1m/output_per_1m, or gpu_hour_usd with the "
+                        "input_tok_s/output_tok_s measured on it (or governance.enabled: false)")
+        if self.routes:
+            self.parsed_routes()  # errors name routes.<name>.<field>
         return self
+
+    def price_of(self, name: str):
+        """serving.pricing.Price of a configured model (its own, the default model's, or governance.prices)."""
+        p = self.model(name).resolved_price() or self.governance.prices.get(name)
+        return p.price() if p is not None else None
+
+    def router_models(self, context: dict[str, int] | None = None) -> dict[str, dict]:
+        """Served names for serving.router.parse_routes: models, 'base:adapter' and bare adapter names, with
+        price and context length (`context`: max_model_len reported by loaded models)."""
+        out: dict[str, dict] = {}
+        for m in self.models:
+            price = self.price_of(m.name)
+            ctx = (context or {}).get(m.name) or m.max_model_len or UNBOUNDED_CONTEXT
+            out[m.name] = {"input_per_1m": price.input_per_1m if price else None,
+                           "output_per_1m": price.output_per_1m if price else None, "context_length": ctx}
+        for a in self.adapters:
+            out[f"{a.base}:{a.name}"] = out[a.name] = {**out[a.base], "deployment": a.base}
+        return out
+
+    def parsed_routes(self, context: dict[str, int] | None = None) -> dict:
+        """{route name: serving.router.RouteConfig}; raises ValueError naming the route and field."""
+        from serving.router.config import parse_routes
+        from serving.router.errors import RouteConfigError
+
+        if not isinstance(self.routes, dict):
+            raise ValueError("routes: must be a mapping of route name -> route")
+        models = self.router_models(context)
+        try:
+            routes = parse_routes(self.routes, models={k: {f: v for f, v in d.items() if f != "deployment"}
+                                                       for k, d in models.items()})
+        except RouteConfigError as exc:
+            raise ValueError(exc.message) from None
+        for name, route in routes.items():
+            if ":" in name or (self.embeddings.enabled and name == self.embeddings.name):
+                raise ValueError(f"routes.{name}: a route name may not contain ':' or be a served model's name")
+            fixed = []
+            for c in route.candidates:  # a bare adapter name: its signals are its base model's
+                dep = models.get(c.model, {}).get("deployment")
+                fixed.append(c.model_copy(update={"deployment": dep}) if dep and c.deployment is None else c)
+            routes[name] = route.model_copy(update={"candidates": fixed})
+        return routes
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)

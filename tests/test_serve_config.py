@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from serving.config import (
+    DEFAULT_MODEL_PRICE,
     ActorOptions,
     AdapterSpec,
     Autoscaling,
@@ -20,6 +21,8 @@ from serving.config import (
     load_config,
     parse_config,
 )
+from serving.governance.config import AuditConfig, GovernanceConfig, Limits, ModelPrice, PIIPolicy
+from serving.router.config import SLO, CandidateConfig, Expect, RouteConfig, Weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "serve.yaml"
@@ -33,7 +36,9 @@ def test_shipped_config_serves_the_default_model_on_8000():
 
 
 @pytest.mark.parametrize("section", [ServerSpec, ModelSpec, EmbeddingSpec, AdapterSpec, Autoscaling,
-                                     ActorOptions, RagSpec, FineTuningSpec])
+                                     ActorOptions, RagSpec, FineTuningSpec, ModelPrice, GovernanceConfig,
+                                     Limits, PIIPolicy, AuditConfig, RouteConfig, CandidateConfig, Expect,
+                                     Weights, SLO])
 def test_shipped_config_documents_every_key(section):
     text = SHIPPED.read_text()
     for key in section.model_fields:
@@ -70,6 +75,17 @@ def _write(tmp_path, text):
     ("modles: []\n", r"modles: unknown key"),
     ("models:\n  - source: x\n", r"models\[0\]\.name: Field required"),
     ("- just\n- a list\n", r"the top level must be a mapping"),
+    ("models:\n  - {name: a, source: /m}\n", r"models\[0\]\.price: model 'a' \(source '/m'\) has no price"),
+    ("models:\n  - {name: a, price: {input_per_1m: 1}}\n", r"models\[0\]\.price: .*input_per_1m and output_per_1m"),
+    ("models:\n  - {name: a, price: {gpu_hour_usd: 2}}\n", r"models\[0\]\.price: .*needs gpu_hour_usd, input_tok_s"),
+    ("governance: {pii: {prompt: hide}}\n", r"governance\.pii\.prompt: Input should be"),
+    ("governance: {open_acess: true}\n", r"governance\.open_acess: unknown key"),
+    ("routes: {auto: {candidates: [{model: zz, quality: 1}]}}\n",
+     r"routes\.auto\.candidates\[0\]\.model: 'zz' is not a served model"),
+    ("routes: {auto: {candidates: [{model: smollm2-135m-instruct}]}}\n",
+     r"routes\.auto\.candidates\[0\]\.quality: Field required"),
+    ("routes: {smollm2-135m-instruct: {candidates: [{model: smollm2-135m-instruct, quality: 1}]}}\n",
+     r"both a route and a served model"),
     ("models: [\n", r"not valid YAML \(line \d+, column \d+\)"),
 ])
 def test_mistakes_name_the_key_and_the_file(tmp_path, yaml_text, expected):
@@ -111,3 +127,38 @@ def test_build_app_takes_replicas_autoscaling_and_actor_options_from_the_config(
     assert a.init_args[1] == {"sql": "/tmp/sql"}
     auto = b._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 8)
+
+
+def test_prices_never_silently_zero():
+    from serving.pricing import Price
+
+    cfg = load_config(SHIPPED)
+    shipped = cfg.price_of(cfg.models[0].name)
+    assert shipped == DEFAULT_MODEL_PRICE.price() and shipped.cost(10**6, 10**6) > 0
+    # the default model without a price gets the built-in one; an explicit price (either form) wins
+    cfg = parse_config({"models": [{"name": "x"}, {"name": "y", "price": {"input_per_1m": 1, "output_per_1m": 2}},
+                                   {"name": "z", "source": "/m", "price": {"gpu_hour_usd": 3.6, "input_tok_s": 1000,
+                                                                          "output_tok_s": 100}}]})
+    assert cfg.price_of("x") == DEFAULT_MODEL_PRICE.price()
+    assert cfg.price_of("y") == Price(1, 2)
+    z = cfg.price_of("z")  # $0.001 a second: 1000 tokens in or 100 tokens out
+    assert z.cost(10**6, 0) == pytest.approx(1.0) and z.cost(0, 10**6) == pytest.approx(10.0)
+    # without governance nothing is charged, so an unpriced model is allowed
+    assert parse_config({"models": [{"name": "a", "source": "/m"}], "governance": {"enabled": False}})
+
+
+def test_routes_take_price_and_context_from_the_served_models():
+    cfg = parse_config({
+        "models": [{"name": "a", "max_model_len": 2048}, {"name": "b", "price": {"input_per_1m": 1, "output_per_1m": 2}}],
+        "adapters": [{"name": "sql", "base": "a", "source": "/tmp/sql"}],
+        "routes": {"auto": {"policy": "cheapest", "candidates": [
+            {"model": "a", "quality": 0.3}, {"model": "b", "quality": 0.6, "context_length": 512},
+            {"model": "sql", "quality": 0.5}, {"model": "a:sql", "quality": 0.5, "input_per_1m": 9, "output_per_1m": 9}]}},
+    })
+    a, b, sql, a_sql = cfg.parsed_routes()["auto"].candidates
+    assert (a.context_length, a.price) == (2048, cfg.price_of("a"))
+    assert (b.context_length, b.price.input_per_1m) == (512, 1)
+    assert sql.deployment_name == "a" and a_sql.deployment_name == "a"  # adapters share their base's engine
+    assert a_sql.price.input_per_1m == 9
+    # a model whose context is its own is bounded once it reports it
+    assert cfg.parsed_routes({"b": 8192})["auto"].candidates[1].context_length == 512

@@ -14,6 +14,7 @@ import uuid
 
 import numpy as np
 
+from serving.api import governed
 from serving.api.errors import APIError, not_found_model
 from serving.api.metrics import Metrics
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, split_model
@@ -27,7 +28,7 @@ from serving.api.responses import (
     new_id,
     usage,
 )
-from serving.api.streaming import SSE_DONE, cancel_stream, merge_streams, sse
+from serving.api.streaming import SSE_DONE, cancel_stream, close_stream, merge_streams, sse
 
 log = logging.getLogger("loraplex.gateway")
 STATS_MAX_AGE_S = 60.0
@@ -41,6 +42,8 @@ class RequestRecord:
         self.lab = Metrics.labels(model, adapter)
         self.t0 = time.monotonic()
         self.last: float | None = None
+        self.first_token_at: float | None = None
+        self.queue_s: float | None = None
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -56,13 +59,15 @@ class RequestRecord:
 
     def delta(self, item: dict) -> None:
         n = sum(c["num_tokens"] for c in item["choices"])
-        if "queue_time" in item and self.last is None:
+        if "queue_time" in item and self.last is None and self.queue_s is None:
+            self.queue_s = item["queue_time"]
             self.m.queue.labels(**self.lab).observe(item["queue_time"])
         self.cached_tokens = max(self.cached_tokens, item.get("num_cached_tokens", 0))
         if not n:
             return
         now = time.monotonic()
         if self.last is None:
+            self.first_token_at = now
             self.m.ttft.labels(**self.lab).observe(now - self.t0)
         else:
             self.m.itl.labels(**self.lab).observe(now - self.last)
@@ -81,18 +86,36 @@ class RequestRecord:
         self.m.requests.labels(**self.lab, endpoint=self.endpoint, status=str(status)).inc()
 
 
+class ChatRun:
+    """One admitted chat request between its first replica item and its end."""
+
+    def __init__(self, body, gen, rec, ticket, citations, routed, base, opened_at):
+        self.body, self.gen, self.rec, self.ticket = body, gen, rec, ticket
+        self.citations, self.routed, self.base, self.opened_at = citations, routed, base, opened_at
+        self.guards = governed.OutputGuards(ticket)
+
+
 class GatewayCore:
-    def __init__(self, config, llm_handles: dict, embed_handle=None, routers: list | None = None):
+    def __init__(self, config, llm_handles: dict, embed_handle=None, routers: list | None = None,
+                 rag_handle=None):
         self.config = config
         self.llm = dict(llm_handles)
         self.embed = embed_handle
         self.embed_name = config.embeddings.name if (embed_handle is not None and config.embeddings.enabled) else None
+        self.rag = rag_handle
         self.metrics = Metrics()
         self.ready: set[str] = set()
+        self.context: dict[str, int] = {}  # max_model_len each loaded model reported
         self.embed_info: dict | None = None
         self._stats: dict[str, dict[str, dict]] = {name: {} for name in self.llm}
         self._pollers: list[asyncio.Task] = []
         self.extra_routers = routers or []
+        self.governance = governed.build_governance(config, self.metrics.registry)
+        self.routing = None
+        if config.routes:
+            from serving.api.routing import GatewayRouter
+
+            self.routing = GatewayRouter(self, config, registry=self.metrics.registry)
         from serving.adapters import read_registry
 
         # adapter name -> base model, so `model: "<adapter>"` works without the base prefix
@@ -108,6 +131,8 @@ class GatewayCore:
             self._pollers.append(asyncio.ensure_future(self._wait_ready(name, handle)))
         if self.embed is not None:
             self._pollers.append(asyncio.ensure_future(self._wait_ready(self.embed_name, self.embed)))
+        if self.routing is not None:
+            self._pollers.append(asyncio.ensure_future(self.routing.poll()))
 
     async def _wait_ready(self, name: str, handle) -> None:
         while True:
@@ -115,6 +140,10 @@ class GatewayCore:
                 info = await handle.ready.remote()
                 if name == self.embed_name:
                     self.embed_info = info
+                elif isinstance(info, dict) and info.get("max_model_len"):
+                    self.context[name] = int(info["max_model_len"])
+                    if self.routing is not None:
+                        self.routing.refresh_context(self.context)
                 self.ready.add(name)
                 return
             except asyncio.CancelledError:
@@ -134,14 +163,31 @@ class GatewayCore:
             raise APIError(503, f"The model `{name}` is still loading; try again shortly.",
                            code="model_not_ready", retry_after=5)
 
-    def resolve(self, model: str) -> tuple[str, str | None]:
+    def split(self, model: str) -> tuple[str, str | None]:
+        """'base:adapter', 'base' or a bare adapter name -> (base, adapter), without checks."""
         base, adapter = split_model(model)
         if adapter is None and base not in self.llm and base in self.adapter_bases:
             base, adapter = self.adapter_bases[base], base
+        return base, adapter
+
+    def resolve(self, model: str) -> tuple[str, str | None]:
+        base, adapter = self.split(model)
         if base not in self.llm:
-            raise not_found_model(model, list(self.llm))
+            known = list(self.llm) + (list(self.routing.routes) if self.routing else [])
+            raise not_found_model(model, known)
         self._check_ready(base)
         return base, adapter
+
+    def _admit(self, request, route: str, base: str, adapter: str | None, prompt, max_tokens: int | None, n: int):
+        """A governance Ticket for one model request (None when governance is off)."""
+        if self.governance is None or request is None:
+            return None
+        est = governed.estimate_tokens(prompt)
+        if max_tokens is None:  # reserve the worst case: the rest of the context
+            ctx = self.context.get(base) or self.config.model(base).max_model_len or 2048
+            max_tokens = max(1, ctx - est)
+        return self.governance.admit(request, route=route, model=base, adapter=adapter, prompt=prompt,
+                                     prompt_tokens=est, max_tokens=max_tokens * n)
 
     # ---- model deployments ----------------------------------------------------------------------
     async def open(self, base: str, req: dict):
@@ -174,36 +220,131 @@ class GatewayCore:
         return results
 
     # ---- chat -----------------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, request=None):
+        """(a response dict or an SSE iterator, extra response headers). Order: route or resolve the model,
+        admit (keys, limits, budget, prompt PII), ground (retrieval), open a replica stream (with fallback)."""
         body.check()
-        base, adapter = self.resolve(body.model)
-        rec = RequestRecord(self.metrics, base, adapter, "chat")
-        req = {"kind": "chat", "messages": body.template_messages(), "sampling": body.to_sampling(),
-               "adapter": adapter, "request_id": new_id("chatcmpl"), "user": body.user}
-        try:
-            accepted, gen = await self.open(base, req)
-        except APIError as err:
-            rec.done(err.status)
-            raise
-        rec.accepted(accepted["prompt_tokens"])
-        if body.stream:
-            return self._chat_sse(body, gen, rec)
-        return await self._chat_full(body, gen, rec)
+        t0 = time.monotonic()
+        messages = body.template_messages()
+        principal = governed.principal_of(request)
+        decision = None
+        if self.routing is not None and self.routing.has_route(body.model):
+            from serving.router.predict import estimate_prompt_tokens
 
-    async def _chat_sse(self, body: ChatCompletionRequest, gen, rec: RequestRecord):
+            decision = self.routing.decide(body, request.headers if request is not None else None,
+                                           estimate_prompt_tokens(messages), body.completion_limit())
+            if principal is not None:
+                self.governance.authorize(principal, model=body.model)  # the route name is on the models list
+                self.routing.restrict(decision, lambda m: governed.allows(principal, *self.split(m)))
+            base, adapter = self.split(decision.primary.model)
+        else:
+            base, adapter = self.resolve(body.model)
+        if body.retrieval is not None and principal is not None and isinstance(body.retrieval, dict) \
+                and isinstance(body.retrieval.get("collection"), str):
+            self.governance.authorize(principal, collection=body.retrieval["collection"])
+        ticket = self._admit(request, "/v1/chat/completions", base, adapter, messages, body.completion_limit(),
+                             body.n)
+        headers: dict[str, str] = {}
+        routed = None
+        try:
+            if ticket is not None:
+                messages = ticket.prompt  # redacted under a `redact` prompt policy
+                governed.check_logprobs(ticket, bool(body.logprobs))
+            citations = None
+            if body.retrieval is not None:
+                messages, citations = await self._ground(body.retrieval, messages)
+            req = {"kind": "chat", "messages": messages, "sampling": body.to_sampling(), "adapter": adapter,
+                   "request_id": new_id("chatcmpl"), "user": body.user}
+            if decision is not None:
+                opened_at = [t0]
+                routed, gen, accepted = await self.routing.open(decision, req, opened_at)
+                base, adapter = accepted["base"], accepted["adapter"]
+                headers = self._route_headers(routed)
+                governed.reprice(ticket, self.governance, base, adapter)
+                opened = opened_at[0]
+            else:
+                opened = time.monotonic()
+                accepted, gen = await self.open(base, req)
+        except BaseException as exc:
+            status = getattr(exc, "status", 500) if isinstance(getattr(exc, "status", None), int) else 500
+            if ticket is not None:
+                ticket.settle(0, 0, status=status)
+            RequestRecord(self.metrics, base, adapter, "chat").done(status)
+            raise
+        rec = RequestRecord(self.metrics, base, adapter, "chat")
+        rec.t0 = t0
+        rec.accepted(accepted["prompt_tokens"])
+        run = ChatRun(body, gen, rec, ticket, citations, routed, base, opened)
+        if body.stream:
+            return self._chat_sse(run), headers
+        return await self._chat_full(run), headers
+
+    @staticmethod
+    def _route_headers(routed) -> dict[str, str]:
+        from serving.router import response_headers
+
+        return response_headers(routed)
+
+    async def _ground(self, retrieval, messages: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Retrieve chunks for the `retrieval` field and put them into the messages (serving.rag.grounding)."""
+        if self.rag is None:
+            raise APIError(400, "retrieval is not available: this server runs without collections "
+                                "(rag.enabled is false).", param="retrieval", code="retrieval_unavailable")
+        from serving.rag.errors import RagError
+        from serving.rag.grounding import aretrieve_for_chat
+
+        try:
+            return await aretrieve_for_chat(self.rag, retrieval, messages)
+        except RagError as exc:
+            raise APIError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+
+    def _finish(self, run: ChatRun, status: int, content: dict | None = None) -> None:
+        """Metrics, spend (exact token counts) and the router's signals, once per request."""
+        run.rec.done(status)
+        if run.ticket is not None:
+            run.ticket.completion_tokens = run.rec.completion_tokens
+            run.ticket.settle(run.rec.prompt_tokens, run.rec.completion_tokens, status=status, content=content)
+        if self.routing is not None and status == 200:
+            self.routing.observe(run.routed.choice if run.routed is not None else run.base, run.rec,
+                                 run.opened_at)
+
+    def _guard_item(self, run: ChatRun, item: dict, index_base: int = 0) -> None:
+        """Pass an item's texts through the output guards (in place); raises PIIBlocked under `block`."""
+        if run.guards.active:
+            for c in item["choices"]:
+                c["text"] = run.guards.feed(index_base + c["index"], c["text"], c["finish_reason"] is not None)
+
+    async def _chat_sse(self, run: ChatRun):
+        from serving.governance.errors import PIIBlocked
+
+        body, rec = run.body, run.rec
         chunks = ChatChunks(body.model, body.include_usage)
         status = 499  # client closed the connection, unless we get to the end
         try:
             yield sse(chunks.role_chunk(body.n))
-            async for item in gen:
+            async for item in run.gen:
                 rec.delta(item)
+                if run.ticket is not None:
+                    run.ticket.completion_tokens = rec.completion_tokens
+                self._guard_item(run, item)
                 chunk = chunks.delta_chunk(item)
+                if item.get("finished") and run.citations is not None and not body.include_usage:
+                    chunk = chunk or chunks.empty_chunk()
+                    chunk["citations"] = run.citations  # the final chunk carries the sources
                 if chunk:
                     yield sse(chunk)
             if body.include_usage:
-                yield sse(chunks.usage_chunk(usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)))
+                last = chunks.usage_chunk(usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens))
+                if run.citations is not None:
+                    last["citations"] = run.citations
+                yield sse(last)
+            run.guards.close()
             yield SSE_DONE
             status = 200
+        except PIIBlocked as exc:  # personal data in the output under a `block` policy: stop, say why
+            status = exc.status
+            yield sse(exc.body())
+            yield SSE_DONE
         except Exception as exc:  # the replica died mid-stream: tell the client in-band
             log.exception("stream failed")
             status = 500
@@ -211,17 +352,18 @@ class GatewayCore:
             yield SSE_DONE
         finally:
             if status != 200:
-                cancel_stream(gen)
-            rec.done(status)
+                await close_stream(run.gen)
+            self._finish(run, status)
 
-    async def _chat_full(self, body: ChatCompletionRequest, gen, rec: RequestRecord) -> dict:
+    async def _chat_full(self, run: ChatRun) -> dict:
+        body, rec = run.body, run.rec
         n = body.n
         texts = [[] for _ in range(n)]
         lps: list[list | None] = [None] * n
         reasons: list[str | None] = [None] * n
         status = 499
         try:
-            async for item in gen:
+            async for item in run.gen:
                 rec.delta(item)
                 for c in item["choices"]:
                     i = c["index"]
@@ -230,57 +372,83 @@ class GatewayCore:
                         lps[i] = (lps[i] or []) + c["logprobs"]
                     if c["finish_reason"]:
                         reasons[i] = finish(c["finish_reason"])
+            outputs = [run.guards.whole("".join(t)) for t in texts]  # PIIBlocked: a 400 naming the kinds
             status = 200
+        except BaseException as exc:
+            status = getattr(exc, "status", None) if isinstance(getattr(exc, "status", None), int) else status
+            await close_stream(run.gen)
+            raise
         finally:
-            if status != 200:
-                cancel_stream(gen)
-            rec.done(status)
+            content = {"prompt": run.ticket.prompt, "output": outputs} if status == 200 and run.ticket else None
+            self._finish(run, status, content)
         choices = []
         for i in range(n):
             lp = chat_logprobs(lps[i] or []) if body.logprobs else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": "".join(texts[i]),
-                                                    "refusal": None},
+            choices.append({"index": i, "message": {"role": "assistant", "content": outputs[i], "refusal": None},
                             "logprobs": lp, "finish_reason": reasons[i] or "stop"})
-        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "system_fingerprint": None, "choices": choices,
-                "usage": usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)}
+        out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+               "model": body.model, "system_fingerprint": None, "choices": choices,
+               "usage": usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)}
+        if run.citations is not None:
+            out["citations"] = run.citations
+        return out
 
     # ---- completions ----------------------------------------------------------------------------
-    async def completion(self, body: CompletionRequest):
+    async def completion(self, body: CompletionRequest, request=None):
         body.check()
+        if self.routing is not None and self.routing.has_route(body.model):
+            raise APIError(400, f"`{body.model}` is a route: routes serve /v1/chat/completions only.",
+                           param="model", code="route_chat_only")
         base, adapter = self.resolve(body.model)
         prompts = body.prompts()
-        rec = RequestRecord(self.metrics, base, adapter, "completions")
-        sampling = body.to_sampling()
-        reqs = [{"kind": "completion", "prompt": p, "echo": body.echo, "sampling": sampling,
-                 "adapter": adapter, "request_id": f"cmpl-{uuid.uuid4().hex}", "user": body.user}
-                for p in prompts]
+        ticket = self._admit(request, "/v1/completions", base, adapter, prompts, body.max_tokens,
+                             body.n * len(prompts))
         try:
+            if ticket is not None:
+                prompts = ticket.prompt
+                governed.check_logprobs(ticket, body.logprobs is not None)
+            sampling = body.to_sampling()
+            reqs = [{"kind": "completion", "prompt": p, "echo": body.echo, "sampling": sampling,
+                     "adapter": adapter, "request_id": f"cmpl-{uuid.uuid4().hex}", "user": body.user}
+                    for p in prompts]
             opened = await self.open_many(base, reqs)
-        except APIError as err:
-            rec.done(err.status)
+        except BaseException as exc:
+            status = exc.status if isinstance(getattr(exc, "status", None), int) else 500
+            if ticket is not None:
+                ticket.settle(0, 0, status=status)
+            RequestRecord(self.metrics, base, adapter, "completions").done(status)
             raise
+        rec = RequestRecord(self.metrics, base, adapter, "completions")
         for accepted, _ in opened:
             rec.accepted(accepted["prompt_tokens"])
-        gens = [g for _, g in opened]
+        run = ChatRun(body, [g for _, g in opened], rec, ticket, None, None, base, rec.t0)
         if body.stream:
-            return self._completion_sse(body, gens, rec)
-        return await self._completion_full(body, opened, rec)
+            return self._completion_sse(run)
+        return await self._completion_full(run, opened)
 
-    async def _completion_sse(self, body: CompletionRequest, gens: list, rec: RequestRecord):
+    async def _completion_sse(self, run: ChatRun):
+        from serving.governance.errors import PIIBlocked
+
+        body, rec, gens = run.body, run.rec, run.gen
         chunks = CompletionChunks(body.model, body.include_usage)
         converters: dict[int, CompletionLogprobs] = {}
         status = 499
         try:
             async for p, item in merge_streams(gens):
                 rec.delta(item)
+                self._guard_item(run, item, p * body.n)
                 chunk = chunks.delta_chunk(item, p * body.n, converters)
                 if chunk:
                     yield sse(chunk)
             if body.include_usage:
                 yield sse(chunks.usage_chunk(usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)))
+            run.guards.close()
             yield SSE_DONE
             status = 200
+        except PIIBlocked as exc:
+            status = exc.status
+            yield sse(exc.body())
+            yield SSE_DONE
         except Exception as exc:
             log.exception("stream failed")
             status = 500
@@ -290,9 +458,10 @@ class GatewayCore:
             if status != 200:
                 for g in gens:
                     cancel_stream(g)
-            rec.done(status)
+            self._finish(run, status)
 
-    async def _completion_full(self, body: CompletionRequest, opened: list, rec: RequestRecord) -> dict:
+    async def _completion_full(self, run: ChatRun, opened: list) -> dict:
+        body, rec = run.body, run.rec
         n = body.n
         total = len(opened) * n
         texts = [[] for _ in range(total)]
@@ -316,14 +485,17 @@ class GatewayCore:
                         lps[i] = merge_completion_logprobs(lps[i], conv.convert(c["logprobs"]))
                     if c["finish_reason"]:
                         reasons[i] = finish(c["finish_reason"])
+            outputs = [run.guards.whole("".join(t)) for t in texts]
             status = 200
+        except BaseException as exc:
+            status = exc.status if isinstance(getattr(exc, "status", None), int) else status
+            for _, g in opened:
+                cancel_stream(g)
+            raise
         finally:
-            if status != 200:
-                for _, g in opened:
-                    cancel_stream(g)
-            rec.done(status)
+            self._finish(run, status)
         empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        choices = [{"index": i, "text": "".join(texts[i]),
+        choices = [{"index": i, "text": outputs[i],
                     "logprobs": (lps[i] or empty) if body.logprobs is not None else None,
                     "finish_reason": reasons[i] or "stop"} for i in range(total)]
         return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
@@ -331,10 +503,13 @@ class GatewayCore:
                 "usage": usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)}
 
     # ---- embeddings -----------------------------------------------------------------------------
-    async def embeddings(self, body: EmbeddingRequest) -> dict:
+    async def embeddings(self, body: EmbeddingRequest, request=None) -> dict:
         if self.embed is None or body.model != self.embed_name:
             known = [self.embed_name] if self.embed_name else []
             raise not_found_model(body.model, known)
+        principal = governed.principal_of(request)
+        if principal is not None:  # not priced (no chat tokens): only the key's model allow-list applies
+            self.governance.authorize(principal, model=self.embed_name)
         self._check_ready(self.embed_name)
         texts = body.texts()
         limit = self.config.embeddings.max_inputs
@@ -363,7 +538,8 @@ class GatewayCore:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     # ---- models, readiness, metrics -------------------------------------------------------------
-    async def models(self) -> dict:
+    async def models(self, request=None) -> dict:
+        """Models, their adapters, the embedding model and routes; a key sees those its allow-lists cover."""
         cards: list[dict] = []
         names = [n for n in self.llm if n in self.ready]
         results = await asyncio.gather(*(self.llm[n].models.remote() for n in names), return_exceptions=True)
@@ -380,13 +556,24 @@ class GatewayCore:
             cards.append({"id": self.embed_name, "object": "model", "created": 0, "owned_by": "loraplex",
                           "root": self.embed_name, "parent": None, "type": "embedding",
                           "dim": (self.embed_info or {}).get("dim")})
+        if self.routing is not None:
+            cards.extend(self.routing.cards())
+        principal = governed.principal_of(request)
+        if principal is not None:
+            cards = [c for c in cards if self._card_allowed(principal, c)]
         return {"object": "list", "data": cards}
 
-    async def model(self, model_id: str) -> dict:
-        for card in (await self.models())["data"]:
+    def _card_allowed(self, principal, card: dict) -> bool:
+        if card.get("parent"):
+            return governed.allows(principal, card["parent"], card["id"].partition(":")[2] or card["id"])
+        return principal.allows("models", card["id"])
+
+    async def model(self, model_id: str, request=None) -> dict:
+        cards = (await self.models(request))["data"]
+        for card in cards:
             if card["id"] == model_id:
                 return card
-        raise not_found_model(model_id, [c["id"] for c in (await self.models())["data"]])
+        raise not_found_model(model_id, [c["id"] for c in cards])
 
     async def readiness(self) -> dict:
         missing = [n for n in self.all_names() if n not in self.ready]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.api.errors import install_error_handlers
@@ -15,6 +15,10 @@ def create_app(core) -> FastAPI:
     """`core` is a serving.api.gateway.GatewayCore; extra APIRouters (RAG, training) are mounted as given."""
     app = FastAPI(title="loraplex", description="OpenAI-compatible API", version="0.1.0")
     install_error_handlers(app)
+    if core.governance is not None:  # keys, roles, limits, audit on /v1; /v1/usage and /v1/admin/* routes
+        from serving.governance import install
+
+        install(app, core.governance)
 
     @app.get("/health")
     async def health():
@@ -30,30 +34,30 @@ def create_app(core) -> FastAPI:
         return Response(core.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def list_models():
-        return await core.models()
+    async def list_models(request: Request):
+        return await core.models(request)
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        return await core.model(model_id)
+    async def get_model(model_id: str, request: Request):
+        return await core.model(model_id, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        result = await core.chat(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        result, headers = await core.chat(body, request)
         if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+            return JSONResponse(result, headers=headers)
+        return StreamingResponse(result, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        result = await core.completion(body)
+    async def completions(body: CompletionRequest, request: Request):
+        result = await core.completion(body, request)
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
-        return await core.embeddings(body)
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        return await core.embeddings(body, request)
 
     for router in core.extra_routers:
         app.include_router(router)

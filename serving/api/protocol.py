@@ -106,6 +106,15 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     functions: list[dict] | None = None
     response_format: dict | None = None
+    # extensions: grounded chat (serving.rag.grounding) and routing overrides (serving.router.headers);
+    # typed Any here so their own parsers can name the field in a 400
+    retrieval: Any = None
+    route_policy: Any = None
+    route_slo_ms: Any = None
+    route_min_quality: Any = None
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def check(self) -> None:
         self.check_common()
@@ -147,9 +156,8 @@ class ChatCompletionRequest(_Sampling):
         return out
 
     def to_sampling(self) -> dict:
-        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         k = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_kwargs(limit, k)
+        return self.sampling_kwargs(self.completion_limit(), k)
 
 
 class CompletionRequest(_Sampling):

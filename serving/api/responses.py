@@ -107,6 +107,9 @@ class ChatChunks:
         c["usage"] = u
         return c
 
+    def empty_chunk(self) -> dict:
+        return self._chunk([])
+
 
 class CompletionChunks:
     def __init__(self, model: str, include_usage: bool):

@@ -24,6 +24,20 @@ def cancel_stream(gen) -> None:
             pass
 
 
+async def close_stream(gen) -> None:
+    """Stop a stream the gateway reads no further: a Ray response generator is cancelled, an async
+    generator (a routed stream) closed, which cancels what it wraps."""
+    if getattr(gen, "cancel", None) is not None:
+        cancel_stream(gen)
+        return
+    close = getattr(gen, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
 async def merge_streams(gens: list):
     """Yield (stream index, item) from several async iterators as items arrive; cancel all on exit."""
     if len(gens) == 1:  # the common case: no tasks, no queue

@@ -41,7 +41,9 @@ class Principal:
         return any(fnmatch.fnmatchcase(value, pattern) for pattern in self.allow.get(kind, ["*"]))
 
 
-ANONYMOUS = Principal(key_id="anonymous", name="anonymous", team="anonymous", role="user", anonymous=True)
+# Open mode (no keys yet, or open_access): nothing is enforced, so the anonymous caller holds every role;
+# otherwise `make serve` could not load adapters, start fine-tuning or create the first key over HTTP.
+ANONYMOUS = Principal(key_id="anonymous", name="anonymous", team="anonymous", role="admin", anonymous=True)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""The gateway's glue to serving.router: routes from the serve config, live engine stats, per-request
+decisions with header/body overrides, and one stream per candidate that the router falls back across."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from serving.api.errors import APIError
+from serving.api.streaming import cancel_stream
+
+log = logging.getLogger("loraplex.gateway.routing")
+STATS_INTERVAL_S = 1.0
+
+
+def router_error(exc) -> APIError:
+    """A serving.router RouterError as the gateway's OpenAI error (503 + Retry-After when all are down)."""
+    return APIError(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type,
+                    retry_after=getattr(exc, "retry_after", None))
+
+
+class GatewayRouter:
+    """Holds the Router; `core` is the GatewayCore (handles, readiness, open())."""
+
+    def __init__(self, core, config, registry=None):
+        from serving.router import Router, SignalTracker
+
+        self.core = core
+        self.config = config
+        self.router = Router(config.parsed_routes(), SignalTracker(), registry=registry)
+
+    def has_route(self, name: str) -> bool:
+        return self.router.has_route(name)
+
+    @property
+    def routes(self) -> dict:
+        return self.router.routes
+
+    def refresh_context(self, context: dict[str, int]) -> None:
+        """Re-read routes once models report their real max_model_len (a config may leave it to the model)."""
+        try:
+            self.router.routes = dict(self.config.parsed_routes(context))
+        except ValueError as exc:  # validated at start-up with unbounded contexts: should not happen
+            log.warning("routes not refreshed: %s", exc)
+
+    # ---- live signals -----------------------------------------------------------------------------------
+    async def poll(self) -> None:
+        """Feed each loaded deployment's engine stats to the router; a slow poll is skipped, never marks a
+        deployment down (real failures show up on the request path and put it in cooldown)."""
+        tracker = self.router.signals
+
+        async def one(name: str) -> None:
+            if name not in self.core.ready:
+                return
+            try:
+                stats = await asyncio.wait_for(self.core._await(self.core.llm[name].stats.remote()), timeout=5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("stats of %s: %s", name, exc)
+                return
+            stats = dict(stats)
+            stats.setdefault("max_num_seqs", self.config.model(name).max_num_seqs)  # slots per replica
+            tracker.observe_stats(name, stats)
+
+        while True:
+            await asyncio.gather(*(one(n) for n in self.core.llm))
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    # ---- one request ------------------------------------------------------------------------------------
+    def decide(self, body, headers, prompt_tokens: int, max_tokens: int | None):
+        from serving.router import RouterError, parse_overrides
+
+        fields = {"route_policy": body.route_policy, "route_slo_ms": body.route_slo_ms,
+                  "route_min_quality": body.route_min_quality}
+        try:
+            ov = parse_overrides(headers or {}, fields)
+            return self.router.decide(body.model, prompt_tokens, max_tokens, **ov.as_kwargs())
+        except RouterError as exc:
+            raise router_error(exc) from None
+
+    def restrict(self, decision, allowed) -> None:
+        """Keep the candidates `allowed(model)` accepts (a key's allow-lists); 403 when none is left."""
+        keep = [c for c in decision.choices if allowed(c.model)]
+        if not keep:
+            raise APIError(403, f"this key may use none of the candidates of route `{decision.route}`: "
+                                f"{', '.join(c.model for c in decision.choices)}", param="model",
+                           code="model_not_allowed")
+        decision.choices = keep
+
+    async def open(self, decision, req: dict, opened_at: list):
+        """Open the best candidate that accepts `req`; falls back on 429/5xx/not-ready before the first token.
+        Returns (RoutedStream, its iterator of delta items, the accepted item)."""
+        from serving.router import RouterError
+
+        async def candidate(cand):
+            base, adapter = self.core.resolve(cand.model)
+            opened_at[:] = [time.monotonic()]
+            accepted, gen = await self.core.open(base, {**req, "adapter": adapter})
+            finished = False
+            try:
+                yield {**accepted, "base": base, "adapter": adapter}
+                async for item in gen:
+                    yield item
+                finished = True
+            finally:
+                if not finished:
+                    cancel_stream(gen)
+
+        try:
+            stream = await self.router.open_stream(decision, candidate)
+        except RouterError as exc:
+            raise router_error(exc) from None
+        it = aiter(stream)
+        accepted = await anext(it)
+        return stream, it, accepted
+
+    def observe(self, answered, rec, opened_at: float) -> None:
+        """A finished request's timings for its deployment's signals (routed or addressed directly)."""
+        if rec.first_token_at is None:
+            return
+        now = time.monotonic()
+        self.router.observe(answered, ttft_s=rec.first_token_at - opened_at, prompt_tokens=rec.prompt_tokens,
+                            completion_tokens=rec.completion_tokens, e2e_s=now - opened_at,
+                            queue_s=rec.queue_s or 0.0)
+
+    def cards(self) -> list[dict]:
+        """Routes listed in /v1/models, next to the models they route to."""
+        out = []
+        for name, r in self.router.routes.items():
+            out.append({"id": name, "object": "model", "created": 0, "owned_by": "loraplex-router", "root": name,
+                        "parent": None, "type": "route", "policy": r.policy,
+                        "candidates": [c.model for c in r.candidates]})
+        return out

@@ -1,0 +1,85 @@
+"""A real `loraplex serve` process for end-to-end tests: a given config, its own data dir, a free port.
+
+The data dir ($LORAPLEX_HOME) is a fresh temporary folder, so keys, spend, audit, collections and adapters
+of one test module never meet another's or the user's; the converted default model is linked into it
+rather than converted again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.cli import LORAPLEX
+
+MODEL = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_home(tmp: Path) -> Path:
+    """A data dir whose models/ links the already converted default model."""
+    from serving.models import prepare_default_model
+
+    home = tmp / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / MODEL).symlink_to(prepare_default_model(), target_is_directory=True)
+    return home
+
+
+class Server:
+    def __init__(self, tmp: Path, config: str, home: Path | None = None):
+        self.home = home or make_home(tmp)
+        self.env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "LORAPLEX_HOME": str(self.home)}
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / "serve.yaml"
+        self.config.write_text(config)
+        self.log = open(tmp / "serve.log", "w")
+        self.proc: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`loraplex <args>` against this server's data dir (e.g. `keys create`)."""
+        r = subprocess.run([*LORAPLEX, *args], env=self.env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return r
+
+    def start(self, timeout: float = 300) -> "Server":
+        self.proc = subprocess.Popen(
+            [*LORAPLEX, "serve", "--config", str(self.config), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if httpx.get(self.base + "/ready", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready in {timeout}s: {self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return open(self.log.name).read()[-n:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
