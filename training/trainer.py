@@ -423,8 +423,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | None = 
                 bar.update(done, last_loss, metrics["tokens_per_s"])
                 if tracker and (done % cfg.logging_steps == 0 or done == steps):
                     tracker.log_metrics(metrics, step=done)
-                    emit("info", f"step {done}/{steps}: loss {last_loss:.4f}", {"step": done, **metrics,
-                                                                                 "total_steps": steps})
+                    emit("info", f"step {done}/{steps}: loss {last_loss:.4f}",
+                         {"step": done, **metrics, "total_steps": steps, "step_tokens": n_tokens * world,
+                          "step_time_s": dt})
                 if cfg.eval_steps and eval_ex and done % cfg.eval_steps == 0 and done != steps:
                     last_eval = _eval(model, eval_ex, cfg, pad_id, device, tracker, done, emit)
                 if cfg.save_steps and done % cfg.save_steps == 0 and done != steps:
