@@ -47,7 +47,7 @@ models:
     enable_prefix_caching: false
     ray_actor_options: {{num_cpus: 0}}
 adapters:
-  - {{name: demo, base: {MODEL}, source: /tmp/loraplex-test-adapter-demo}}
+  - {{name: demo, base: {MODEL}, source: {{DEMO}}}}
 embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
 rag: {{enabled: false}}
 fine_tuning: {{enabled: false}}
@@ -61,11 +61,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp):
+    def __init__(self, tmp, demo_adapter: str):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cfg = tmp / "serve.yaml"
-        cfg.write_text(CONFIG)
+        cfg.write_text(CONFIG.replace("{DEMO}", demo_adapter))
         self.log = open(tmp / "serve.log", "w")
         self.proc = subprocess.Popen(
             [*LORAPLEX, "serve", "--config", str(cfg), "--port", str(self.port)],
@@ -106,8 +106,29 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve"))
+def adapters(tmp_path_factory, default_model_path):
+    """Two real PEFT adapters of the default model: `demo` (from the config, anywhere on disk) and `extra`
+    (added through the API, so it must live under $LORAPLEX_HOME/adapters)."""
+    import shutil
+    import uuid
+
+    from loraplex.paths import subdir
+    from tests.conftest import make_lora_adapter
+
+    demo = make_lora_adapter(default_model_path, tmp_path_factory.mktemp("demo"), 8, seed=1, std=0.05,
+                             base_name=MODEL)
+    extra_dir = subdir("adapters") / f"test-{uuid.uuid4().hex[:8]}"
+    extra = make_lora_adapter(default_model_path, extra_dir, 4, seed=2, std=0.05, base_name=MODEL,
+                              targets=["q_proj", "v_proj"])
+    outside = make_lora_adapter(default_model_path, tmp_path_factory.mktemp("outside"), 4, seed=3, std=0.05,
+                                base_name=MODEL)
+    yield {"demo": demo, "extra": extra, "outside": outside}
+    shutil.rmtree(extra_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, adapters):
+    srv = Server(tmp_path_factory.mktemp("serve"), adapters["demo"])
     try:
         srv.wait_ready()
         yield srv
@@ -525,3 +546,73 @@ def test_bench_against_the_running_server(server, tmp_path):
     for name in ("report.md", "latency.png", "throughput.png"):
         assert (out / name).stat().st_size > 0
     assert MODEL in (out / "report.md").read_text()
+
+
+# ---- LoRA adapters --------------------------------------------------------------------------------------
+def peft_greedy(adapter: str, ids: list[int], n: int) -> list[int]:
+    """HF transformers + PEFT with the adapter merged: the independent reference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from serving.models import resolve_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    with torch.no_grad():
+        out = merged.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_adapter_by_base_colon_name_and_by_name_equals_peft(client, server, adapters, reference):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    ids = reference.chat_ids(messages)
+    want = peft_greedy(adapters["demo"], ids, 12)
+    want_text = reference.tokenizer.decode(want, skip_special_tokens=True)
+    for model in (f"{MODEL}:demo", "demo"):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == want_text, model
+    base = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert base.choices[0].message.content != want_text  # the adapter really changes the answer
+    m = httpx.get(server.base + "/metrics").text
+    assert metric(m, "loraplex_requests_total", model=MODEL, adapter="demo") >= 2
+    assert metric(m, "loraplex_adapter_resident_replicas", model=MODEL, adapter="demo") == 1
+    assert metric(m, "loraplex_adapter_load_seconds", model=MODEL, adapter="demo") > 0
+    assert metric(m, "loraplex_adapter_engine_tokens", model=MODEL, adapter="demo") > 0
+
+
+def test_adapter_admin_api_add_list_use_delete(client, server, adapters, reference):
+    api = httpx.Client(base_url=server.base, timeout=120)
+    r = api.post("/v1/adapters", json={"name": "extra", "source": adapters["extra"]})
+    assert r.status_code == 200, r.text
+    card = r.json()
+    assert card["id"] == f"{MODEL}:extra" and card["rank"] == 4 and card["state"] in ("cpu", "gpu")
+    listed = {a["name"]: a for a in api.get("/v1/adapters").json()["data"]}
+    assert {"demo", "extra"} <= set(listed) and listed["demo"]["base"] == MODEL
+    assert f"{MODEL}:extra" in {m.id for m in client.models.list().data}
+    messages = [{"role": "user", "content": "Say hi."}]
+    want = reference.tokenizer.decode(peft_greedy(adapters["extra"], reference.chat_ids(messages), 8),
+                                      skip_special_tokens=True)
+    first = client.chat.completions.create(model="extra", messages=messages, max_tokens=8, temperature=0)
+    assert first.choices[0].message.content == want
+    assert api.get("/v1/adapters/extra").json()["state"] == "gpu"  # it took a device slot to serve
+    # A name in use, a path outside the adapter roots, and a folder that is not an adapter: clear errors.
+    dup = api.post("/v1/adapters", json={"name": "extra", "source": adapters["extra"]})
+    assert dup.status_code == 409 and dup.json()["error"]["code"] == "adapter_exists"
+    out = api.post("/v1/adapters", json={"name": "outside", "source": adapters["outside"]})
+    assert out.status_code == 400 and out.json()["error"]["code"] == "adapter_path_not_allowed"
+    bad_dir = os.path.dirname(adapters["extra"])
+    bad = api.post("/v1/adapters", json={"name": "broken", "source": bad_dir, "base": MODEL})
+    assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+    missing = api.post("/v1/adapters", json={"name": "x"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "source"
+    # Unload, then the name is unknown; reload gives the same output as before.
+    assert api.delete("/v1/adapters/extra").json()["deleted"] is True
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=f"{MODEL}:extra", messages=messages, max_tokens=4)
+    assert api.post("/v1/adapters", json={"name": "extra", "source": adapters["extra"]}).status_code == 200
+    again = client.chat.completions.create(model="extra", messages=messages, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == want
+    assert api.delete(f"/v1/adapters/{MODEL}:extra").status_code == 200
+    # The server kept serving the base model throughout.
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).choices

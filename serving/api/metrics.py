@@ -45,6 +45,15 @@ class Metrics:
         self.kv_free = Gauge("loraplex_kv_blocks_free", "Free KV-cache blocks", ["model"], registry=r)
         self.replicas = Gauge("loraplex_model_replicas_reporting", "Replicas whose stats were read",
                               ["model"], registry=r)
+        self.adapter_resident = Gauge("loraplex_adapter_resident_replicas",
+                                      "Replicas holding the adapter, by residency (gpu: in a device slot, "
+                                      "cpu: in host memory)", ["model", "adapter", "state"], registry=r)
+        self._resident_keys: dict[str, set] = {}
+        self.adapter_load = Gauge("loraplex_adapter_load_seconds", "Time the adapter took to load",
+                                  ["model", "adapter"], registry=r)
+        self.adapter_tokens = Gauge("loraplex_adapter_engine_tokens", "Tokens the engines computed with the "
+                                    "adapter (prompt and generated), summed over replicas", ["model", "adapter"],
+                                    registry=r)
         self.embedding_tokens = Counter("loraplex_embedding_input_tokens", "Tokens embedded", ["model"],
                                         registry=r)
 
@@ -64,6 +73,21 @@ class Metrics:
         self.kv_free.labels(model).set(free)
         self.kv_usage.labels(model).set((blocks - free) / blocks if blocks else 0.0)
         self.replicas.labels(model).set(len(stats))
+        per: dict[tuple[str, str], float] = {}
+        for s in stats:
+            for a in s.get("adapters") or []:
+                key = (a["name"], a["state"])
+                per[key] = per.get(key, 0) + 1
+                if a.get("load_time_s") is not None:
+                    self.adapter_load.labels(model, a["name"]).set(a["load_time_s"])
+        for name, state in self._resident_keys.get(model, set()) - set(per):
+            self.adapter_resident.remove(model, name, state)  # moved or unloaded since the last scrape
+        self._resident_keys[model] = set(per)
+        for (name, state), n in per.items():
+            self.adapter_resident.labels(model, name, state).set(n)
+        for name in {a["name"] for s in stats for a in (s.get("adapters") or [])}:
+            self.adapter_tokens.labels(model, name).set(
+                sum(a.get("tokens", 0) for s in stats for a in (s.get("adapters") or []) if a["name"] == name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

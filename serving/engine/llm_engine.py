@@ -348,4 +348,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.total_prompt_tokens,
             "generation_tokens_total": self.total_generated_tokens,
+            "max_num_seqs": self.config.max_num_seqs,
+            "adapters": [{"name": i.name, "state": i.state, "rank": i.rank, "load_time_s": i.load_time_s,
+                          "tokens": self.lora.tokens.get(i.name, 0)} for i in self.lora.list()] if self.lora else [],
         }
