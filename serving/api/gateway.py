@@ -260,6 +260,7 @@ class GatewayCore:
                 routed, gen, accepted = await self.routing.open(decision, req, opened_at)
                 base, adapter = accepted["base"], accepted["adapter"]
                 headers = self._route_headers(routed)
+                body.model = routed.model  # the answer names the model that wrote it; X-Routed-Model too
                 governed.reprice(ticket, self.governance, base, adapter)
                 opened = opened_at[0]
             else:
