@@ -13,11 +13,11 @@ from serving.engine.llm_engine import LLMEngine
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, and never invent facts. "
 
 
-def prompts(tokenizer, n, seed=0):
+def prompts(tokenizer, n, seed=0, max_words=60):
     rng = random.Random(seed)
     words = "alpha beta gamma delta river stone cloud paper seven green quick lazy".split()
     # A shared system prompt of several blocks, then a tail of 1..60 words: prefix-cache hits and ragged lengths.
-    return [tokenizer(SYSTEM + " ".join(rng.choice(words) for _ in range(rng.randint(1, 60))))["input_ids"]
+    return [tokenizer(SYSTEM + " ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))))["input_ids"]
             for _ in range(n)]
 
 
@@ -60,10 +60,10 @@ def test_64_concurrent_requests_equal_each_alone_tiny(tiny_model_factory, num_kv
 
 @pytest.mark.slow
 def test_default_model_64_concurrent_equal_alone_with_preemption(default_model_path):
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", num_kv_blocks=48, block_size=16,
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", num_kv_blocks=40, block_size=16,
                                     max_num_batched_tokens=256))
-    ids = prompts(engine.tokenizer, 64, seed=1)
+    ids = prompts(engine.tokenizer, 64, seed=1, max_words=30)
     expected = alone(engine, ids, params)
     assert engine.stats()["prefix_cache_hits"] > 0  # the shared system prompt came from the cache
     assert together(engine, ids, params) == expected
