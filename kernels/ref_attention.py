@@ -28,9 +28,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     hkv = k.shape[1]
     g = hq // hkv
     qg = q.reshape(s, hkv, g * lq, d)
-    scores = torch.matmul(qg.float(), k.transpose(-1, -2).float()) * scale  # [S, Hkv, g*Lq, Lk]
-    scores = scores.view(s, hkv, g, lq, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(s, hkv, g * lq, -1)
+    scores = torch.matmul(qg.float(), k.transpose(-1, -2).float())  # [S, Hkv, g*Lq, Lk]
+    scores.mul_(scale).view(s, hkv, g, lq, -1).masked_fill_(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs.to(v.dtype), v)  # [S, Hkv, g*Lq, D]
     return out.view(s, hq, lq, d)
 
