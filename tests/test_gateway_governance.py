@@ -115,6 +115,10 @@ def test_pii_in_a_streamed_output_is_redacted(server, keys):
     text = "".join(pieces)
     assert "john.doe@example.com" not in text and "@" not in text
     assert text == expected
+    # completions too: the echoed prompt is part of the output the filter sees
+    r = _client(server, keys["redactor"]["key"]).completions.create(
+        model=MODEL, prompt="Mail me at ann@example.com", max_tokens=2, echo=True)
+    assert r.choices[0].text.startswith("Mail me at [EMAIL]") and "ann@" not in r.choices[0].text
     with pytest.raises(openai.BadRequestError) as e:  # logprobs would leak the tokens the filter hides
         _client(server, keys["redactor"]["key"]).chat.completions.create(
             model=MODEL, messages=HELLO, max_tokens=2, logprobs=True)

@@ -86,6 +86,14 @@ class RequestRecord:
         self.m.requests.labels(**self.lab, endpoint=self.endpoint, status=str(status)).inc()
 
 
+def _status_of(exc: BaseException) -> int:
+    """The HTTP status an exception ends a request with (499: the client went away)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool):
+        return status
+    return 499 if isinstance(exc, asyncio.CancelledError) else 500
+
+
 class ChatRun:
     """One admitted chat request between its first replica item and its end."""
 
@@ -267,7 +275,7 @@ class GatewayCore:
                 opened = time.monotonic()
                 accepted, gen = await self.open(base, req)
         except BaseException as exc:
-            status = getattr(exc, "status", 500) if isinstance(getattr(exc, "status", None), int) else 500
+            status = _status_of(exc)
             if ticket is not None:
                 ticket.settle(0, 0, status=status)
             RequestRecord(self.metrics, base, adapter, "chat").done(status)
@@ -414,7 +422,7 @@ class GatewayCore:
                     for p in prompts]
             opened = await self.open_many(base, reqs)
         except BaseException as exc:
-            status = exc.status if isinstance(getattr(exc, "status", None), int) else 500
+            status = _status_of(exc)
             if ticket is not None:
                 ticket.settle(0, 0, status=status)
             RequestRecord(self.metrics, base, adapter, "completions").done(status)
