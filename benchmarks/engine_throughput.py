@@ -11,6 +11,15 @@ and the engine's ratios, then one JSON line.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a file, Python puts benchmarks/ first on sys.path, where kernels.py would shadow the `kernels` package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
 import argparse
 import time
 

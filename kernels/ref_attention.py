@@ -23,15 +23,21 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) ->
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [S, Hq, Lq, D], k/v [S, Hkv, Lk, D], mask [S, 1, Lq, Lk] (True = attend) -> [S, Hq, Lq, D]."""
+    """q [S, Hq, Lq, D], k/v [S, Hkv, Lk, D], mask [S, 1, Lq, Lk] (True = attend) -> [S, Hq, Lq, D].
+
+    One batched matmul per KV head: k[:, h] is a strided view of the gathered blocks that BLAS reads in
+    place, so the gathered KV is never copied again (a 4-D matmul would make it contiguous first).
+    """
     s, hq, lq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    qg = q.reshape(s, hkv, g * lq, d)
-    scores = torch.matmul(qg.float(), k.transpose(-1, -2).float())  # [S, Hkv, g*Lq, Lk]
-    scores.mul_(scale).view(s, hkv, g, lq, -1).masked_fill_(~mask.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(v.dtype), v)  # [S, Hkv, g*Lq, D]
+    qg = q.reshape(s, hkv, g * lq, d).float()
+    keep = mask.expand(s, g, lq, mask.shape[-1]).reshape(s, g * lq, -1)
+    out = torch.empty(s, hkv, g * lq, d, dtype=torch.float32, device=q.device)
+    for h in range(hkv):
+        scores = torch.bmm(qg[:, h], k[:, h].float().transpose(1, 2))  # [S, g*Lq, Lk]
+        scores.mul_(scale).masked_fill_(~keep, float("-inf"))
+        torch.bmm(torch.softmax(scores, dim=-1), v[:, h].float(), out=out[:, h])
     return out.view(s, hq, lq, d)
 
 
