@@ -142,3 +142,28 @@ def test_bad_shapes_are_named(tri, impl):
         mod.lora_shrink(x, torch.randn(2, 8, 32), torch.zeros(3, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="scale"):
         mod.lora_shrink(x, torch.randn(2, 8, 32), torch.zeros(4, dtype=torch.int32), torch.ones(3))
+
+
+@pytest.mark.parametrize("layout", ["one-token-per-slot", "one-slot-many-tokens", "mixed-with-base"])
+def test_reference_dense_and_grouped_paths_match_per_token_loop(layout):
+    from kernels import ref_lora
+
+    torch.manual_seed(0)
+    slots, r, h_in, h_out = 8, 4, 24, 40
+    token_lora = {
+        "one-token-per-slot": torch.randperm(slots).int(),  # decode-like: the dense padded bmm
+        "one-slot-many-tokens": torch.tensor([3] * 40 + [5], dtype=torch.int32),  # prefill-like: grouped loop
+        "mixed-with-base": torch.tensor([0, -1, 7, 7, -1, 2, 0, 5], dtype=torch.int32),
+    }[layout]
+    x = torch.randn(len(token_lora), h_in)
+    a, b = torch.randn(slots, r, h_in), torch.randn(slots, h_out, r)
+    scale = torch.rand(slots)
+    y = torch.randn(len(token_lora), h_out)
+    want = y.clone()
+    for i, s in enumerate(token_lora.tolist()):
+        if s >= 0:
+            want[i] += b[s] @ (a[s] @ x[i] * scale[s])
+    got = ref_lora.lora_expand(ref_lora.lora_shrink(x, a, token_lora, scale), b, token_lora, y.clone())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plan = ref_lora._plan(token_lora, slots)
+    assert plan.dense == (layout != "one-slot-many-tokens")
