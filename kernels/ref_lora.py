@@ -67,7 +67,8 @@ _plan_cache: dict = {}
 
 
 def _plan(token_lora: torch.Tensor, num_slots: int) -> _Plan:
-    key = (id(token_lora), token_lora._version, num_slots, token_lora.data_ptr())
+    version = None if token_lora.is_inference() else token_lora._version  # inference tensors have none
+    key = (id(token_lora), version, num_slots, token_lora.data_ptr())
     plan = _plan_cache.get("plan") if _plan_cache.get("key") == key else None
     if plan is None:
         plan = _Plan(token_lora, num_slots)
