@@ -39,6 +39,12 @@ def _local_artifact_root(uri: str) -> str | None:
 _READY: set[str] = set()
 
 
+def local_artifact_dir(uri: str | None = None) -> Path | None:
+    """The artifact folder of a local SQLite store (a plain path, for serving's allowed adapter roots)."""
+    uri = uri or tracking_uri()
+    return Path(uri[len("sqlite:///"):]).parent.resolve() / "artifacts" if uri.startswith("sqlite:///") else None
+
+
 def _init_sqlite(uri: str) -> None:
     """Create/migrate the SQLite store under a file lock: concurrent first runs would race on the schema."""
     import fcntl
