@@ -57,7 +57,8 @@ def keys(server):
     made = {}
     for name, extra in [("admin", ["--role", "admin"]), ("user", ["--models", "smollm2-*"]),
                         ("outsider", ["--models", "other-*"]), ("blocker", []), ("redactor", []),
-                        ("spender", ["--team", "finance"]), ("auditee", [])]:
+                        ("spender", ["--team", "finance"]), ("auditee", []),
+                        ("reader", ["--collections", "public-*"])]:
         out = server.cli("keys", "create", "--name", name, "--json", *extra).stdout
         made[name] = json.loads(out.strip().splitlines()[-1])
     return made
@@ -83,6 +84,10 @@ def test_allow_lists_and_roles(server, keys):
     with pytest.raises(openai.PermissionDeniedError) as e:
         _client(server, outsider).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     assert e.value.body["code"] == "model_not_allowed" and e.value.body["param"] == "model"
+    with pytest.raises(openai.PermissionDeniedError) as e:  # grounded chat: the collection allow-list
+        _client(server, keys["reader"]["key"]).chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=2, extra_body={"retrieval": {"collection": "hr-salaries"}})
+    assert e.value.body["code"] == "collection_not_allowed" and e.value.body["param"] == "retrieval.collection"
     # trainer and admin routes refuse a user key before any handler runs
     auth = {"Authorization": f"Bearer {user}"}
     r = httpx.post(server.base + "/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": "x"}, headers=auth)

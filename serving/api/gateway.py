@@ -249,7 +249,13 @@ class GatewayCore:
             base, adapter = self.resolve(body.model)
         if body.retrieval is not None and principal is not None and isinstance(body.retrieval, dict) \
                 and isinstance(body.retrieval.get("collection"), str):
-            self.governance.authorize(principal, collection=body.retrieval["collection"])
+            from serving.governance.errors import GovernanceError
+
+            try:
+                self.governance.authorize(principal, collection=body.retrieval["collection"])
+            except GovernanceError as exc:
+                exc.param = "retrieval.collection"
+                raise
         ticket = self._admit(request, "/v1/chat/completions", base, adapter, messages, body.completion_limit(),
                              body.n)
         headers: dict[str, str] = {}
