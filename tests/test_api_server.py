@@ -51,6 +51,7 @@ adapters:
 embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
 rag: {{enabled: false}}
 fine_tuning: {{enabled: false}}
+governance: {{open_access: true}}   # this module tests the API, not keys (see test_gateway_governance)
 """
 
 
