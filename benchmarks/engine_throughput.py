@@ -60,6 +60,7 @@ def hf_model(path, dtype, attn=None):
 @torch.inference_mode()
 def run_hf_sequential(path, dtype, prompt_ids, max_tokens):
     model = hf_model(path, dtype)
+    model.generate(torch.tensor([prompt_ids[0]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
     tokens, start = 0, time.perf_counter()
     for ids in prompt_ids:
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
@@ -74,6 +75,7 @@ def run_hf_static(path, dtype, prompt_ids, max_tokens):
     width = max(len(i) for i in prompt_ids)
     ids = torch.tensor([[0] * (width - len(i)) + i for i in prompt_ids])  # left padding
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids])
+    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                          do_sample=False, pad_token_id=0)
@@ -86,6 +88,8 @@ def run_hf_continuous(path, dtype, prompt_ids, max_tokens):
 
     model = hf_model(path, dtype, attn="paged|sdpa")
     cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    model.generate_batch(inputs=prompt_ids[:1], generation_config=GenerationConfig(
+        max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0), progress_bar=False)  # warm-up
     start = time.perf_counter()
     outs = model.generate_batch(inputs=prompt_ids, generation_config=cfg, progress_bar=False)
     tokens = sum(len(o.generated_tokens) for o in outs.values())
