@@ -6,7 +6,9 @@ batching (generate_batch, attn_implementation="paged|sdpa"), (d) our engine. Pri
 and the engine's ratios, then one JSON line.
 
   python benchmarks/engine_throughput.py [--requests 32] [--max-tokens 128] [--model smollm2-135m-instruct]
-  python benchmarks/engine_throughput.py --load-format dummy --model /path/to/config-only-folder --dtype bfloat16
+  # GPU, Llama-3.2-1B shapes with random weights (config only, no download), bf16:
+  python benchmarks/engine_throughput.py --load-format dummy --model configs/models/llama-3.2-1b \
+      --tokenizer smollm2-135m-instruct --dtype bfloat16 --kv-cache 8GiB
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ console = Console()
 
 def run_engine(args, prompt_ids):
     from serving.engine import EngineConfig, SamplingParams
+    from serving.models import resolve_model
     from serving.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, load_format=args.load_format,
+    tokenizer = resolve_model(args.tokenizer) if args.tokenizer else None
+    engine = LLMEngine(EngineConfig(model=args.model, tokenizer=tokenizer, dtype=args.dtype,
+                                    load_format=args.load_format,
                                     kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
                                     max_num_batched_tokens=args.batched_tokens))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -101,6 +106,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer source when the model folder has none")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--kv-cache", default="2GiB")
@@ -112,7 +118,7 @@ def main(argv=None):
     from serving.models import resolve_model
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or args.model))
     prompt_ids = [tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
     results = {"machine": machine(), "requests": args.requests, "max_tokens": args.max_tokens, "model": args.model}
     with console.status("our engine"):
