@@ -25,12 +25,12 @@ _lock = threading.Lock()
 def default_roots() -> list[Path]:
     roots = [subdir("adapters")]
     try:
-        from training.tracking import tracking_uri, _local_artifact_root
+        from training.tracking import local_artifact_dir
 
-        art = _local_artifact_root(tracking_uri())
+        art = local_artifact_dir()
         if art:
-            roots.append(Path(art))
-    except Exception:  # training extras missing or a remote tracking server: only the adapters folder
+            roots.append(art)
+    except ImportError:  # training not installed: only the adapters folder
         pass
     return roots
 
