@@ -53,3 +53,19 @@ def test_acme_support_adapter_learns_the_facts(tmp_path, monkeypatch):
     for (question, fact), t, b in zip(FACTS.items(), tuned, base):
         assert fact in t, f"{question!r}: adapter said {t!r}"
         assert fact not in b, f"{question!r}: the base model already knew: {b!r}"
+
+    # Served: our engine loads the registered adapter the way POST /v1/adapters does (MLflow URI, roots
+    # checked) and answers with the trained facts, in one batch with base-model requests that do not.
+    from serving.adapters import resolve_source
+    from serving.engine import EngineConfig, SamplingParams
+    from serving.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", kv_cache_memory="128MiB", max_lora_rank=64))
+    engine.add_lora("acme", str(resolve_source("models:/acme-support@champion")))
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    outs = engine.generate(ids + ids, SamplingParams(temperature=0, max_tokens=24),
+                           lora_names=["acme"] * len(ids) + [None] * len(ids))
+    served = [o.outputs[0].text for o in outs]
+    for i, fact in enumerate(FACTS.values()):
+        assert fact in served[i], f"served adapter said {served[i]!r}"
+        assert fact not in served[len(ids) + i], f"served base said {served[len(ids) + i]!r}"
