@@ -50,7 +50,7 @@ adapters:
   - {{name: demo, base: {MODEL}, source: {{DEMO}}}}
 embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
 rag: {{enabled: false}}
-fine_tuning: {{enabled: false}}
+fine_tuning: {{enabled: true}}
 governance: {{open_access: true}}   # this module tests the API, not keys (see test_gateway_governance)
 """
 
@@ -617,3 +617,29 @@ def test_adapter_admin_api_add_list_use_delete(client, server, adapters, referen
     assert api.delete(f"/v1/adapters/{MODEL}:extra").status_code == 200
     # The server kept serving the base model throughout.
     assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).choices
+
+
+def test_fine_tuning_job_auto_deploys_its_adapter(client, server):
+    """A job through OpenAI's fine-tuning API trains on the served base, registers in MLflow and, with
+    auto_deploy, loads its adapter into this server, which then serves it by name."""
+    rows = [{"messages": [{"role": "user", "content": f"Code word {i}?"},
+                          {"role": "assistant", "content": f"The code word is zebra-{i}."}]} for i in range(6)]
+    f = client.files.create(file=("words.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
+                            purpose="fine-tune")
+    small = {"max_steps": 2, "num_sample_generations": 0, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
+             "sequence_len": 128}
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, suffix="deploy",
+                                         extra_body={"config": small, "auto_deploy": True})
+    deadline = time.time() + 600
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, "the fine-tuning job did not finish"
+        time.sleep(2)
+    assert job.status == "succeeded", job.error
+    raw = httpx.get(f"{server.base}/v1/fine_tuning/jobs/{job.id}").json()
+    assert raw["deployed"] is True, [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
+    name = job.fine_tuned_model
+    card = httpx.get(f"{server.base}/v1/adapters/{name}").json()
+    assert card["base"] == MODEL and card["source"].startswith("models:/")
+    r = client.chat.completions.create(model=name, messages=rows[0]["messages"][:1], max_tokens=4)
+    assert r.model == name and r.usage.completion_tokens > 0
+    assert httpx.delete(f"{server.base}/v1/adapters/{name}").status_code == 200

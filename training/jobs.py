@@ -438,12 +438,14 @@ def public_job(job: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the runner process
-def deploy_adapter(gateway_url: str, name: str, source: str, timeout: float = 60) -> dict:
-    """Ask the gateway to load the adapter into serving: POST /v1/adapters {"name", "source"}."""
+def deploy_adapter(gateway_url: str, name: str, source: str, base: str | None = None, timeout: float = 60) -> dict:
+    """Ask the gateway to load the adapter into serving: POST /v1/adapters {"name", "source", "base"}; the
+    base is the job's model, so the gateway need not guess it when it serves several models."""
     import httpx
 
-    resp = httpx.post(gateway_url.rstrip("/") + "/v1/adapters", json={"name": name, "source": source},
-                      timeout=timeout, headers=_auth_headers())
+    body = {"name": name, "source": source, **({"base": base} if base else {})}
+    resp = httpx.post(gateway_url.rstrip("/") + "/v1/adapters", json=body, timeout=timeout,
+                      headers=_auth_headers())
     if resp.status_code >= 400:
         raise RuntimeError(f"POST /v1/adapters answered HTTP {resp.status_code}: {resp.text[:300]}")
     return resp.json() if resp.content else {}
@@ -497,7 +499,7 @@ def run_job(job_dir: Path) -> int:
             append_event(job_dir, "warn", "auto_deploy: no gateway URL is configured (LORAPLEX_GATEWAY_URL)")
         else:
             try:
-                deploy_adapter(gateway, name, source)
+                deploy_adapter(gateway, name, source, base=job.get("model"))
                 update_job(job_dir, deployed=True)
                 append_event(job_dir, "info", f"Adapter {name} deployed to {gateway} from {source}")
             except Exception as exc:  # noqa: BLE001 - the training succeeded; deployment is reported
