@@ -281,10 +281,7 @@ class GatewayCore:
                 opened = time.monotonic()
                 accepted, gen = await self.open(base, req)
         except BaseException as exc:
-            status = _status_of(exc)
-            if ticket is not None:
-                ticket.settle(0, 0, status=status)
-            RequestRecord(self.metrics, base, adapter, "chat").done(status)
+            self._failed_before_stream(exc, ticket, base, adapter, "chat")
             raise
         rec = RequestRecord(self.metrics, base, adapter, "chat")
         rec.t0 = t0
@@ -293,6 +290,14 @@ class GatewayCore:
         if body.stream:
             return self._chat_sse(run), headers
         return await self._chat_full(run), headers
+
+    def _failed_before_stream(self, exc: BaseException, ticket, base: str, adapter: str | None,
+                              endpoint: str) -> None:
+        """A request that failed before its first token: settle its budget ticket and count its status."""
+        status = _status_of(exc)
+        if ticket is not None:
+            ticket.settle(0, 0, status=status)
+        RequestRecord(self.metrics, base, adapter, endpoint).done(status)
 
     @staticmethod
     def _route_headers(routed) -> dict[str, str]:
@@ -428,10 +433,7 @@ class GatewayCore:
                     for p in prompts]
             opened = await self.open_many(base, reqs)
         except BaseException as exc:
-            status = _status_of(exc)
-            if ticket is not None:
-                ticket.settle(0, 0, status=status)
-            RequestRecord(self.metrics, base, adapter, "completions").done(status)
+            self._failed_before_stream(exc, ticket, base, adapter, "completions")
             raise
         rec = RequestRecord(self.metrics, base, adapter, "completions")
         for accepted, _ in opened:

@@ -154,21 +154,13 @@ class AsyncEngine:
         registered between two steps."""
         import time
 
-        from serving.engine.lora import AdapterInfo
-
         manager = self.engine._lora()
-        with manager.lock:
-            if name in manager.info:
-                from serving.engine.errors import AdapterError
-
-                raise AdapterError(f"an adapter named {name!r} already exists", param="name", code="adapter_exists")
-            manager.info[name] = AdapterInfo(name, str(source))
+        manager.reserve(name, source)
         start = time.monotonic()
         try:
             weights = await asyncio.to_thread(manager.load, name, source)
         except BaseException:
-            with manager.lock:
-                manager.info.pop(name, None)
+            manager.unregister(name)
             raise
         await asyncio.wrap_future(self.run_in_engine(lambda e: manager.register(weights, time.monotonic() - start)))
 

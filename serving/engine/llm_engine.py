@@ -171,11 +171,15 @@ class LLMEngine:
 
     def add_lora(self, name: str, source: str) -> None:
         """Load a PEFT adapter folder and make it servable as `name` (synchronous; see AsyncEngine.add_lora)."""
-        if name in self._lora().info:
-            raise AdapterError(f"an adapter named {name!r} already exists", param="name", code="adapter_exists")
+        manager = self._lora()
+        manager.reserve(name, source)
         start = time.monotonic()
-        weights = self._lora().load(name, source)
-        self._lora().register(weights, time.monotonic() - start)
+        try:
+            weights = manager.load(name, source)
+        except BaseException:
+            manager.unregister(name)
+            raise
+        manager.register(weights, time.monotonic() - start)
 
     def remove_lora(self, name: str) -> None:
         if self.lora is None or name not in self.lora.info:

@@ -142,10 +142,6 @@ def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch
     with torch.device("meta"):
         model = CausalLM(cfg, spec, inv_freq.to("meta"), scaling, ctx)
     model = model.to_empty(device=device)
-    freqs = torch.arange(ctx, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    model.rope_cos = (emb.cos() * scaling).to(device)
-    model.rope_sin = (emb.sin() * scaling).to(device)
     if load_format == "dummy":
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -170,7 +166,7 @@ def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch
             raise ModelLoadError(f"checkpoint in {folder} lacks weights: {missing[:5]}")
         path = str(folder)
     model = model.to(dtype=dtype)
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    model.set_rope(inv_freq.to(device), scaling, ctx)  # after the dtype cast, so the tables stay float32
     model.eval()
     return model, cfg, path, ctx
 

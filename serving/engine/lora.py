@@ -159,6 +159,14 @@ class LoRAManager:
         """Read an adapter from disk (any thread; no engine state touched)."""
         return load_peft_adapter(name, folder, self.model, self.max_rank, self.base_names)
 
+    def reserve(self, name: str, source: str) -> None:
+        """Claim `name` (state "loading") before reading files; a name in use is refused. Pair with register
+        on success, unregister on failure."""
+        with self.lock:
+            if name in self.info:
+                raise AdapterError(f"an adapter named {name!r} already exists", param="name", code="adapter_exists")
+            self.info[name] = AdapterInfo(name, str(source))
+
     def register(self, weights: LoRAWeights, load_time_s: float | None = None) -> AdapterInfo:
         with self.lock:
             self.cpu[weights.name] = weights

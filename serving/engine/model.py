@@ -151,8 +151,11 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # cos/sin for every position, computed as HF does (float32 positions * inv_freq) and kept in float32.
-        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+        self.set_rope(inv_freq, attention_scaling, max_len)
+
+    def set_rope(self, inv_freq: torch.Tensor, attention_scaling: float, max_len: int) -> None:
+        """cos/sin for every position, computed as HF does (float32 positions * inv_freq), kept in float32."""
+        freqs = torch.arange(max_len, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos() * attention_scaling, persistent=False)
         self.register_buffer("rope_sin", emb.sin() * attention_scaling, persistent=False)
