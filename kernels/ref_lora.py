@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import step_cache
+
 
 def check_lora_args(x: torch.Tensor, weights: torch.Tensor, token_lora: torch.Tensor, name: str) -> None:
     if x.dim() != 2 or weights.dim() != 3:
@@ -63,17 +65,8 @@ class _Plan:
         self.groups = None if self.dense else group_by_slot(token_lora)
 
 
-_plan_cache: dict = {}
-
-
 def _plan(token_lora: torch.Tensor, num_slots: int) -> _Plan:
-    version = None if token_lora.is_inference() else token_lora._version  # inference tensors have none
-    key = (id(token_lora), version, num_slots, token_lora.data_ptr())
-    plan = _plan_cache.get("plan") if _plan_cache.get("key") == key else None
-    if plan is None:
-        plan = _Plan(token_lora, num_slots)
-        _plan_cache.update(key=key, plan=plan, ref=token_lora)  # ref keeps the id from being reused
-    return plan
+    return step_cache.cached("lora", (token_lora,), lambda: _Plan(token_lora, num_slots), (num_slots,))
 
 
 def lora_shrink(x, lora_a, token_lora, scale=1.0):

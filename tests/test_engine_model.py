@@ -40,6 +40,13 @@ def engine_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor
 def test_logits_match_transformers(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
     engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, block_size=8))
+    if torch.backends.mkldnn.is_available():  # the CPU path under test is the oneDNN pre-packed one
+        from serving.engine.model import PackedLinear
+
+        layer = engine.model.layers[0]
+        assert all(isinstance(m, PackedLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj,
+                                                          engine.model.lm_head))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = engine.tokenizer("The quick brown fox jumps over the lazy dog, then runs far away into the woods.")["input_ids"]
     with torch.no_grad():

@@ -67,6 +67,20 @@ def test_reference_decode_matches_sdpa():
         torch.testing.assert_close(out[i], _sdpa(q[i:i + 1], k, v, d ** -0.5)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_reference_decode_groups_by_length():
+    """More sequences than one DECODE_GROUP, lengths unsorted: every sequence still attends to exactly its own
+    context, and a second call with other tables is not served the first call's cached plan."""
+    gen = torch.Generator().manual_seed(1)
+    lens = [int(n) for n in torch.randint(1, 90, (2 * ref.DECODE_GROUP + 3,), generator=gen)] + [1]
+    for trial in range(2):
+        kc, vc, bt, seqs = _paged_cache(lens, 2, 64, 16, torch.float32, "cpu", gen)
+        q = torch.randn(len(lens), 6, 64, generator=gen)
+        out = ref.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), 0.125)
+        for i, (k, v) in enumerate(seqs):
+            torch.testing.assert_close(out[i], _sdpa(q[i:i + 1], k, v, 0.125)[0], atol=1e-5, rtol=1e-5)
+        lens = lens[::-1]
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"d{s[0]}-gqa{s[1] // s[2]}-bs{s[3]}")
 @pytest.mark.parametrize("partition", [None, 16], ids=["nosplit", "split16"])

@@ -168,6 +168,7 @@ def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch
     model = model.to(dtype=dtype)
     model.set_rope(inv_freq.to(device), scaling, ctx)  # after the dtype cast, so the tables stay float32
     model.eval()
+    model.pack_linears()
     return model, cfg, path, ctx
 
 
