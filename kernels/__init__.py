@@ -8,6 +8,7 @@ from kernels.dispatch import (
     BACKENDS,
     KernelBackendError,
     backend_for,
+    lora_apply,
     lora_expand,
     lora_shrink,
     paged_decode_attention,
@@ -29,5 +30,6 @@ __all__ = [
     "paged_prefill_attention",
     "lora_shrink",
     "lora_expand",
+    "lora_apply",
     "topk_scores",
 ]

@@ -118,6 +118,12 @@ def lora_expand(t, lora_b, token_lora, y):
     return _impl("lora", t.device).lora_expand(t, lora_b, token_lora, y)
 
 
+def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
+    """ys[i] += scale[slot] * lora_bs[i][slot] @ lora_as[i][slot] @ x[t] for every token t with a slot: shrink and
+    expand for several modules that read the same input (q/k/v), in one call; returns ys."""
+    return _impl("lora", x.device).lora_apply(x, lora_as, lora_bs, token_lora, ys, scale)
+
+
 def topk_scores(queries, keys, k, metric="ip"):
     """(scores [q, k], ids [q, k] int64), best first; metric "ip" (inner product) or "cosine"; k clamps to n."""
     return _impl("topk", queries.device).topk_scores(queries, keys, k, metric)

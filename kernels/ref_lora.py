@@ -59,6 +59,10 @@ class _Plan:
         counts = torch.bincount(slots, minlength=num_slots)
         self.max_n = int(counts.max()) if len(slots) else 0
         self.dense = 0 < num_slots * self.max_n <= 2 * len(slots) + num_slots
+        self.unpadded = num_slots * self.max_n == len(slots)  # every slot has max_n tokens: flat is 0..n-1
+        # ... and the tokens already come in slot order (the scheduler sorts decodes by slot): no reorder at all
+        self.in_order = self.unpadded and len(slots) == tl.shape[0] and bool((self.idx == torch.arange(
+            len(slots), device=tl.device)).all())
         if self.dense:
             starts = torch.cumsum(counts, 0) - counts
             self.flat = slots * self.max_n + (torch.arange(len(slots), device=tl.device) - starts[slots])
@@ -105,3 +109,54 @@ def lora_expand(t, lora_b, token_lora, y):
     for slot, idx in plan.groups:
         y.index_add_(0, idx, (t.index_select(0, idx) @ lora_b[slot].t()).to(y.dtype))
     return y
+
+
+def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
+    """ys[i] += scale[slot] * lora_bs[i][slot] @ lora_as[i][slot] @ x per token, for modules sharing input x.
+
+    Shrink and expand fused for all modules of one input (q/k/v, gate/up): tokens are put in slot order once,
+    the rank-r intermediate never leaves that order, and each module ends in one index_add into its output.
+    """
+    if len(lora_as) != len(lora_bs) or len(lora_as) != len(ys):
+        raise ValueError("lora_apply: lora_as, lora_bs and ys must have one entry per module")
+    for a, b, y in zip(lora_as, lora_bs, ys):
+        check_lora_args(x, a, token_lora, "lora_apply")
+        if a.shape[2] != x.shape[1] or b.shape[:1] != a.shape[:1] or b.shape[2] != a.shape[1] \
+                or y.shape != (x.shape[0], b.shape[1]):
+            raise ValueError(f"lora_apply: x {tuple(x.shape)}, lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)} "
+                             f"and y {tuple(y.shape)} do not fit x [T, H_in], a [slots, r, H_in], "
+                             "b [slots, H_out, r], y [T, H_out]")
+    if not lora_as:
+        return ys
+    num_slots = lora_as[0].shape[0]
+    plan = _plan(token_lora, num_slots)
+    if plan.max_n == 0:
+        return ys
+    scaled = isinstance(scale, torch.Tensor) or scale != 1.0
+    scales = slot_scales(scale, num_slots, x.device).to(x.dtype) if scaled else None
+    if plan.dense:
+        if plan.in_order:
+            xp = x
+        elif plan.unpadded:
+            xp = x.index_select(0, plan.idx)
+        else:
+            xp = x.new_zeros(num_slots * plan.max_n, x.shape[1]).index_copy_(0, plan.flat, x.index_select(0, plan.idx))
+        xt = xp.reshape(num_slots, plan.max_n, x.shape[1]).transpose(1, 2)  # [slots, H_in, max_n]
+        for a, b, y in zip(lora_as, lora_bs, ys):
+            t = torch.bmm(a, xt)  # [slots, r, max_n]: A on the left was 1.5x faster than x @ A^T for decode
+            if scaled:
+                t = t * scales[:, None, None]
+            yp = torch.bmm(t.transpose(1, 2), b.transpose(1, 2)).view(-1, b.shape[1]).to(y.dtype)
+            if plan.in_order:
+                y.add_(yp)
+            else:
+                y.index_add_(0, plan.idx, yp if plan.unpadded else yp.index_select(0, plan.flat))
+        return ys
+    for slot, idx in plan.groups:
+        rows = x.index_select(0, idx)
+        for a, b, y in zip(lora_as, lora_bs, ys):
+            t = rows @ a[slot].t()
+            if scaled:
+                t = t * scales[slot]
+            y.index_add_(0, idx, (t @ b[slot].t()).to(y.dtype))
+    return ys

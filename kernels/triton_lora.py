@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import step_cache
 from kernels.ref_lora import check_lora_args, slot_scales
 
 
@@ -155,3 +156,15 @@ def lora_expand(t, lora_b, token_lora, y, segments=None):
                          DOT_PREC=_dot_precision(lora_b.dtype),
                          num_warps=4)
     return y
+
+
+def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
+    """Shrink then expand per module; the slot sort is done once per step (kernels.step_cache)."""
+    if not lora_as:
+        return ys
+    num_slots = lora_as[0].shape[0]
+    segments = step_cache.cached("lora_segments", (token_lora,), lambda: slot_segments(token_lora, num_slots),
+                                 (num_slots,))
+    for a, b, y in zip(lora_as, lora_bs, ys):
+        lora_expand(lora_shrink(x, a, token_lora, scale, segments), b, token_lora, y, segments)
+    return ys

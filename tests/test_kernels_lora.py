@@ -167,3 +167,79 @@ def test_reference_dense_and_grouped_paths_match_per_token_loop(layout):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     plan = ref_lora._plan(token_lora, slots)
     assert plan.dense == (layout != "one-slot-many-tokens")
+
+
+LAYOUTS = {
+    "one-token-per-slot": lambda slots: torch.randperm(slots).int(),  # decode: dense, no padding
+    "slot-sorted-decode": lambda slots: torch.arange(slots, dtype=torch.int32),  # as the scheduler orders them
+    "two-tokens-some-slots": lambda slots: torch.tensor([1, 4, 1, -1, 6, 4], dtype=torch.int32),  # dense, padded
+    "one-slot-many-tokens": lambda slots: torch.tensor([3] * 40 + [5, -1], dtype=torch.int32),  # grouped
+    "base-only": lambda slots: torch.full((5,), -1, dtype=torch.int32),
+}
+
+
+def _fused_case(layout, dtype=torch.float32):
+    """Three modules reading one input and writing column slices of one fused output, as q/k/v do."""
+    gen = torch.Generator().manual_seed(3)
+    slots, r, h_in, outs = 8, 4, 24, (40, 8, 8)
+    token_lora = LAYOUTS[layout](slots)
+    x = torch.randn(len(token_lora), h_in, generator=gen)
+    mods = [_adapters(slots, r, h_in, o, [r, 2, 1, r, r, 3, r, r], torch.float32, gen) for o in outs]
+    scale = torch.rand(slots, generator=gen) + 0.5
+    fused = torch.randn(len(token_lora), sum(outs), generator=gen)
+    want = fused.clone()
+    for i, s in enumerate(token_lora.tolist()):
+        if s >= 0:
+            col = 0
+            for (a, b), o in zip(mods, outs):
+                want[i, col:col + o] += b[s] @ (a[s] @ x[i] * scale[s])
+                col += o
+    return x.to(dtype), [(a.to(dtype), b.to(dtype)) for a, b in mods], token_lora, scale, fused.to(dtype), want, outs
+
+
+def _column_views(fused, outs):
+    cols, col = [], 0
+    for o in outs:
+        cols.append(fused[:, col:col + o])
+        col += o
+    return cols
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reference_lora_apply_matches_per_token_loop(layout):
+    x, mods, token_lora, scale, fused, want, outs = _fused_case(layout)
+    ys = _column_views(fused, outs)
+    assert ref.lora_apply(x, [a for a, _ in mods], [b for _, b in mods], token_lora, ys, scale) is ys
+    assert ref._plan(token_lora, 8).in_order == (layout == "slot-sorted-decode")
+    torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)
+    # a float scale of 1 (the engine folds scales into B) takes the no-multiply path
+    x, mods, token_lora, _, fused, _, outs = _fused_case(layout)
+    want = fused.clone()
+    for (a, b), y in zip(mods, _column_views(want, outs)):
+        ref.lora_expand(ref.lora_shrink(x, a, token_lora, 1.0), b, token_lora, y)
+    ref.lora_apply(x, [a for a, _ in mods], [b for _, b in mods], token_lora, _column_views(fused, outs))
+    torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["one-token-per-slot", "one-slot-many-tokens"])
+def test_triton_lora_apply_matches_reference(tri, case, layout):
+    device, dtype = case
+    x, mods, token_lora, scale, fused, _, outs = _fused_case(layout, dtype)
+    expected = fused.float().clone()
+    ref.lora_apply(x.float(), [a.float() for a, _ in mods], [b.float() for _, b in mods], token_lora,
+                   _column_views(expected, outs), scale)
+    fused = fused.to(device)
+    tri.lora_apply(x.to(device), [a.to(device) for a, _ in mods], [b.to(device) for _, b in mods],
+                   token_lora.to(device), _column_views(fused, outs), scale.to(device))
+    atol, rtol = LORA_TOLERANCES[dtype]
+    torch.testing.assert_close(fused.float().cpu(), expected, atol=atol, rtol=rtol)
+
+
+def test_lora_apply_refuses_mismatched_module_lists():
+    x = torch.randn(3, 8)
+    a, b = _adapters(2, 4, 8, 6, [4, 4], torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="one entry per module"):
+        ref.lora_apply(x, [a, a], [b], torch.zeros(3, dtype=torch.int32), [torch.zeros(3, 6)])
+    with pytest.raises(ValueError, match="do not fit"):
+        ref.lora_apply(x, [a], [b], torch.zeros(3, dtype=torch.int32), [torch.zeros(3, 7)])

@@ -221,8 +221,9 @@ class LLMEngine:
 
         long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+        from_start = all(s.seq.num_computed_tokens == 0 for s in out.prefills)
         return ForwardBatch(long(ids), long(pos), long(slots), cu[-1], i32(cu), table(pre_tables), i32(pre_lens),
-                            table(dec_tables), i32(dec_lens), long(logits_idx))
+                            table(dec_tables), i32(dec_lens), long(logits_idx), prefill_from_start=from_start)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:

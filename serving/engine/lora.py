@@ -5,8 +5,10 @@ Adapters live in three places: known (registered name -> source), a host-memory 
 B [layers, slots, out, r_max]. A sequence takes a slot when the scheduler admits it and gives it back when it
 finishes or is preempted; a slot whose adapter has no running sequence is reused least-recently-used first.
 Per step, every token carries its slot (-1 for the base), and the delta  y += scale * B[slot] @ A[slot] @ x
-is added per target module through kernels.lora_shrink / lora_expand (torch on CPU, Triton on CUDA).
-Ranks below r_max are zero-padded; a step only computes up to the largest rank among its active slots.
+is added per target module through kernels.lora_apply (torch on CPU, Triton shrink/expand on CUDA), one call
+for the modules sharing an input (q/k/v, gate/up). The scale is folded into B when a slot is filled.
+Ranks below r_max are zero-padded; a step only computes up to the largest rank among its active slots, and
+only over slots up to the highest active one (slots are filled lowest first).
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ class LoRAManager:
         self.max_loras, self.max_rank, self.max_cpu = max_loras, max_rank, max_cpu_loras
         self.base_names = base_names
         self.shapes = module_shapes(model)
+        self.out_columns: dict[str, slice] = {}  # each module's columns in its fused projection (q|k|v, gate|up)
+        for names in KIND_MODULES.values():
+            offset = 0
+            for m in names:
+                self.out_columns[m] = slice(offset, offset + self.shapes[m][1])
+                offset += self.shapes[m][1]
         self.layers = len(model.layers)
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -149,7 +157,6 @@ class LoRAManager:
         self.slot_modules: list[set[str]] = [set() for _ in range(max_loras)]
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        self.scales = torch.zeros(max_loras, dtype=torch.float32, device=self.device)
         self.lock = threading.Lock()  # guards info/cpu for readers outside the engine thread
         self.requests: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
@@ -214,7 +221,6 @@ class LoRAManager:
         if name in self.info:
             self.info[name].state = "cpu" if name in self.cpu else "disk"
         self.slot_name[slot], self.slot_rank[slot], self.slot_modules[slot] = None, 0, set()
-        self.scales[slot] = 0.0
 
     def _weights(self, name: str) -> LoRAWeights:
         weights = self.cpu.get(name)
@@ -240,9 +246,8 @@ class LoRAManager:
             w = self._weights(name)
             for m in w.target_modules:
                 self.a[m][:, slot, :w.rank].copy_(w.a[m])
-                self.b[m][:, slot, :, :w.rank].copy_(w.b[m])
+                self.b[m][:, slot, :, :w.rank].copy_(w.b[m] * w.scale)  # the scale folded into B once
             self.slot_name[slot], self.slot_rank[slot], self.slot_modules[slot] = name, w.rank, set(w.target_modules)
-            self.scales[slot] = w.scale
             self.info[name].state = "gpu"
         self.slot_refs[slot] += 1
         self.slot_used[slot] = time.monotonic()
@@ -269,16 +274,15 @@ class LoRAManager:
                 self.tokens[s.seq.lora_name] = self.tokens.get(s.seq.lora_name, 0) + s.num_tokens
         token_lora = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
         r = max(self.slot_rank[s] for s in active)
+        n = max(active) + 1  # slots past the highest active one hold nothing this step needs
         modules = set().union(*(self.slot_modules[s] for s in active))
-        scales = self.scales
+        present = {kind: [m for m in names if m in modules] for kind, names in KIND_MODULES.items()}
+        cols = self.out_columns
 
         def apply(layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
-            offset = 0
-            for m in KIND_MODULES[kind]:
-                width = self.shapes[m][1]
-                if m in modules:
-                    t = kernels.lora_shrink(x, self.a[m][layer, :, :r], token_lora, scales)
-                    kernels.lora_expand(t, self.b[m][layer, :, :, :r], token_lora, y[:, offset:offset + width])
-                offset += width
+            if present[kind]:
+                kernels.lora_apply(x, [self.a[m][layer, :n, :r] for m in present[kind]],
+                                   [self.b[m][layer, :n, :, :r] for m in present[kind]], token_lora,
+                                   [y[:, cols[m]] for m in present[kind]])
 
         return apply

@@ -39,6 +39,7 @@ class ForwardBatch:
     decode_seq_lens: torch.Tensor  # [Sd] int32
     logits_indices: torch.Tensor  # [S_sample] long: rows of the packed batch to compute logits for
     lora: object | None = None  # serving.engine.lora.LoRABatch, per-token adapter slots
+    prefill_from_start: bool = False  # every prefill chunk starts at position 0: attend to the fresh K/V directly
     extra: dict = field(default_factory=dict)
 
 
@@ -115,7 +116,10 @@ class Attention(nn.Module):
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty((t, hq, self.head_dim), dtype=q.dtype, device=q.device)
         n_pre = batch.num_prefill_tokens
-        if n_pre:
+        if n_pre and batch.prefill_from_start:  # no earlier context: no cache gather needed
+            out[:n_pre] = kernels.prefill_attention(q[:n_pre], k[:n_pre], v[:n_pre], batch.prefill_cu_seqlens,
+                                                    batch.prefill_cu_seqlens, self.scale)
+        elif n_pre:
             out[:n_pre] = kernels.paged_prefill_attention(
                 q[:n_pre], k_cache, v_cache, batch.prefill_block_tables, batch.prefill_cu_seqlens,
                 batch.prefill_seq_lens, self.scale)

@@ -139,6 +139,8 @@ class Scheduler:
             if s.seq.status != Status.RUNNING:
                 continue
             (out.decodes if s.num_tokens == 1 and s.samples else out.prefills).append(s)
+        if self.lora is not None:  # decodes grouped by adapter slot: the LoRA step then needs no token reorder
+            out.decodes.sort(key=lambda s: s.seq.lora_slot)
         return out
 
     def after_step(self, out: SchedulerOutput) -> None:
