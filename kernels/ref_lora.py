@@ -67,6 +67,16 @@ class _Plan:
             starts = torch.cumsum(counts, 0) - counts
             self.flat = slots * self.max_n + (torch.arange(len(slots), device=tl.device) - starts[slots])
         self.groups = None if self.dense else group_by_slot(token_lora)
+        # Runs of consecutive tokens on one slot (prefill: a sequence's tokens are contiguous). When there are few,
+        # lora_apply works on slices of x and y in place: no gather of rows, no scatter back.
+        # A single run (one adapter for the whole batch) also beats the batched matmuls: two plain GEMMs per module.
+        self.runs = None
+        if len(slots):
+            edges = [0] + ((tl[1:] != tl[:-1]).nonzero().squeeze(1) + 1).tolist() + [tl.shape[0]]
+            run_slots = tl[edges[:-1]].tolist()
+            runs = [(s, a, b) for s, a, b in zip(run_slots, edges, edges[1:]) if s >= 0]
+            if len(runs) == 1 or (not self.dense and len(runs) <= 2 * len(self.groups)):
+                self.runs = runs
 
 
 def _plan(token_lora: torch.Tensor, num_slots: int) -> _Plan:
@@ -134,6 +144,15 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
         return ys
     scaled = isinstance(scale, torch.Tensor) or scale != 1.0
     scales = slot_scales(scale, num_slots, x.device).to(x.dtype) if scaled else None
+    if plan.runs is not None:
+        for slot, start, end in plan.runs:
+            rows = x[start:end]
+            for a, b, y in zip(lora_as, lora_bs, ys):
+                t = rows @ a[slot].t()
+                if scaled:
+                    t = t * scales[slot]
+                y[start:end].addmm_(t, b[slot].t())
+        return ys
     if plan.dense:
         if plan.in_order:
             xp = x

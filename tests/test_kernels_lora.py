@@ -172,8 +172,10 @@ def test_reference_dense_and_grouped_paths_match_per_token_loop(layout):
 LAYOUTS = {
     "one-token-per-slot": lambda slots: torch.randperm(slots).int(),  # decode: dense, no padding
     "slot-sorted-decode": lambda slots: torch.arange(slots, dtype=torch.int32),  # as the scheduler orders them
+    "one-adapter-batch": lambda slots: torch.full((6,), 4, dtype=torch.int32),  # dense but a single run
     "two-tokens-some-slots": lambda slots: torch.tensor([1, 4, 1, -1, 6, 4], dtype=torch.int32),  # dense, padded
-    "one-slot-many-tokens": lambda slots: torch.tensor([3] * 40 + [5, -1], dtype=torch.int32),  # grouped
+    "one-slot-many-tokens": lambda slots: torch.tensor([3] * 40 + [5, -1], dtype=torch.int32),  # runs
+    "interleaved-prefill": lambda slots: torch.tensor([2, 5] * 12 + [-1] * 3, dtype=torch.int32),  # grouped
     "base-only": lambda slots: torch.full((5,), -1, dtype=torch.int32),
 }
 
@@ -210,7 +212,9 @@ def test_reference_lora_apply_matches_per_token_loop(layout):
     x, mods, token_lora, scale, fused, want, outs = _fused_case(layout)
     ys = _column_views(fused, outs)
     assert ref.lora_apply(x, [a for a, _ in mods], [b for _, b in mods], token_lora, ys, scale) is ys
-    assert ref._plan(token_lora, 8).in_order == (layout == "slot-sorted-decode")
+    plan = ref._plan(token_lora, 8)
+    assert plan.in_order == (layout == "slot-sorted-decode")
+    assert bool(plan.runs) == (layout in ("one-slot-many-tokens", "one-adapter-batch"))
     torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)
     # a float scale of 1 (the engine folds scales into B) takes the no-multiply path
     x, mods, token_lora, _, fused, _, outs = _fused_case(layout)
