@@ -2,7 +2,8 @@
 
 Every request of a run names one of the N adapters round-robin (N = 0: the base model), all in one batch.
 Prints output tokens/s per N and the ratio to base-only, then one JSON line. Shared machines drift by 20-30%
-within minutes, so the counts run in --repeat interleaved rounds and each keeps its best round.
+within minutes, so the counts run in --repeat interleaved rounds: tokens/s is each count's best round, and
+the ratio to base-only is the median over rounds of the ratio within a round (paired, minutes apart).
 
   python benchmarks/multi_lora.py [--requests 32] [--max-tokens 128] [--adapters 0,1,8,32] [--rank 16]
 """
@@ -19,6 +20,7 @@ if str(_HERE.parent) not in sys.path:
     sys.path.insert(0, str(_HERE.parent))
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -94,16 +96,17 @@ def main(argv=None):
         for n, values in rounds.items():
             results[f"tok_s_{n}_adapters"] = max(values)
             results[f"rounds_{n}_adapters"] = values
-    base = results.get("tok_s_0_adapters")
     table = Table(title=f"multi-LoRA throughput - {results['machine']}")
-    for col in ("adapters", "tok/s", "vs base-only"):
+    for col in ("adapters", "best tok/s", "vs base-only (median of rounds)", "per round"):
         table.add_column(col)
     for n in counts:
-        v = results[f"tok_s_{n}_adapters"]
-        ratio = v / base if base else None
-        if ratio is not None:
-            results[f"ratio_{n}_adapters"] = ratio
-        table.add_row(str(n), f"{v:.1f}", f"{ratio:.2f}x" if ratio else "-")
+        row = [str(n), f"{results[f'tok_s_{n}_adapters']:.1f}", "-", ""]
+        if 0 in rounds:
+            paired = [v / b for v, b in zip(rounds[n], rounds[0])]
+            results[f"ratio_{n}_adapters"] = statistics.median(paired)
+            results[f"round_ratios_{n}_adapters"] = paired
+            row[2:] = [f"{statistics.median(paired):.2f}x", " ".join(f"{r:.2f}" for r in paired)]
+        table.add_row(*row)
     console.print(table)
     emit(results)
 

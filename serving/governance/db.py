@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from serving.sqlite_tx import write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -77,17 +77,9 @@ class Database:
         with self._lock:
             self._conn.executescript(SCHEMA)
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self):
         """A write transaction: other writers (threads or processes) wait until it commits."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        return write_transaction(self._conn, self._lock)
 
     def query(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.sqlite_tx import write_transaction
 from serving.rag.errors import CollectionExistsError, CollectionNotFoundError, InvalidInputError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -84,17 +85,9 @@ class Store:
     def index_dir(self, collection: dict) -> Path:
         return self.root / "indexes" / collection["uid"]
 
-    @contextlib.contextmanager
     def transaction(self):
         """An exclusive write transaction (other processes wait); commits on success, rolls back on error."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        return write_transaction(self._conn, self._lock)
 
     @contextlib.contextmanager
     def reading(self):
