@@ -10,7 +10,6 @@ per-request records (requests.jsonl) and locust's CSVs. The last line printed is
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,12 +37,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
     import httpx
 
@@ -61,7 +54,9 @@ def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None
 
 
 def _start_server(config: str | None, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    from serving.router.sim import free_port
+
+    port = free_port()
     cmd = [*LORAPLEX, "serve", "--port", str(port)]
     if config:
         cmd += ["--config", config]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,14 +16,9 @@ from pathlib import Path
 import httpx
 
 from benchmarks.cli import LORAPLEX
+from serving.router.sim import free_port
 
 MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_home(tmp: Path) -> Path:
@@ -47,6 +41,7 @@ class Server:
         self.config.write_text(config)
         self.log = open(tmp / "serve.log", "w")
         self.proc: subprocess.Popen | None = None
+        self.ready_answers: list[tuple[int, dict | None]] = []  # what /ready said while starting
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """`loraplex <args>` against this server's data dir (e.g. `keys create`)."""
@@ -63,7 +58,10 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}: {self.tail()}")
             try:
-                if httpx.get(self.base + "/ready", timeout=5).status_code == 200:
+                r = httpx.get(self.base + "/ready", timeout=5)
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
+                self.ready_answers.append((r.status_code, body))
+                if r.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -12,8 +12,6 @@ import functools
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 
@@ -23,6 +21,7 @@ import openai
 import pytest
 
 from benchmarks.cli import LORAPLEX
+from tests.serve_helpers import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -55,57 +54,6 @@ governance: {{open_access: true}}   # this module tests the API, not keys (see t
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp, demo_adapter: str):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cfg = tmp / "serve.yaml"
-        cfg.write_text(CONFIG.replace("{DEMO}", demo_adapter))
-        self.log = open(tmp / "serve.log", "w")
-        self.proc = subprocess.Popen(
-            [*LORAPLEX, "serve", "--config", str(cfg), "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
-        )
-        self.ready_answers: list[tuple[int, dict | None]] = []  # what /ready said while starting
-
-    def wait_ready(self, timeout=300):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                r = httpx.get(self.base + "/ready", timeout=5)
-                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
-                self.ready_answers.append((r.status_code, body))
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready in {timeout}s: {self.tail()}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        return open(self.log.name).read()[-3000:]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, default_model_path):
     """Two real PEFT adapters of the default model: `demo` (from the config, anywhere on disk) and `extra`
@@ -129,9 +77,13 @@ def adapters(tmp_path_factory, default_model_path):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, adapters):
-    srv = Server(tmp_path_factory.mktemp("serve"), adapters["demo"])
+    """This module's server uses the session's own data dir: the `extra` adapter and the fine-tuning jobs live
+    there."""
+    from loraplex.paths import home
+
+    srv = Server(tmp_path_factory.mktemp("serve"), CONFIG.replace("{DEMO}", adapters["demo"]), home=home())
     try:
-        srv.wait_ready()
+        srv.start()
         yield srv
     finally:
         srv.stop()

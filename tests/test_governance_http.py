@@ -2,14 +2,12 @@
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
@@ -20,6 +18,7 @@ from serving.governance import Governance, GovernanceConfig
 from serving.governance.example_app import MODELS, create_app
 from serving.governance.pii import redact
 from serving.pricing import Price
+from serving.router.sim import AppServer
 from tests.test_governance_pii import ALL
 
 PRICE = Price(input_per_1m=100.0, output_per_1m=300.0)
@@ -36,15 +35,8 @@ class Server:
         self.gov = Governance(cfg, prices={m: PRICE for m in MODELS if MODELS[m] is None}, registry=self.registry)
         self.admin_key, _ = self.gov.keys.create(name="root", team="ops", role="admin")
         self.app = create_app(self.gov, self.registry)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.server = AppServer(self.app, "governance").__enter__()
+        self.url = f"http://127.0.0.1:{self.server.port}"
         self.http = httpx.Client(base_url=self.url, timeout=30)
 
     def admin(self, method, path, **kw):
@@ -59,8 +51,7 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.server.__exit__()
         self.http.close()
         self.gov.db.close()
 

@@ -1,28 +1,19 @@
 """The collections router on a real uvicorn server (127.0.0.1), exercised with httpx: JSON and multipart
 ingestion, queries with filters, deletes, and OpenAI-style errors with the right statuses."""
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 
 from serving.embeddings import Embedder
+from serving.router.sim import AppServer
 from serving.rag.api import build_router
 from serving.rag.collections import CollectionService
 
 HANDBOOK = Path(__file__).resolve().parents[1] / "serving" / "rag" / "data" / "handbook"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +24,8 @@ def client(tmp_path_factory):
     service = CollectionService(tmp_path_factory.mktemp("rag-api"), embedder_factory=lambda name: embedder)
     app = FastAPI()
     app.include_router(build_router(lambda: service))  # lazy form, as a gateway would mount it
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=60) as c:
+    with AppServer(app, "rag-api") as server, httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
-    server.should_exit = True
-    thread.join(10)
     torch.set_num_threads(threads)
 
 

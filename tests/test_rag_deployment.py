@@ -2,20 +2,13 @@
 router mounted over that handle on a real uvicorn server."""
 
 import asyncio
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 
+from serving.router.sim import AppServer, free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +21,7 @@ def handle(tmp_path_factory):
     home = tmp_path_factory.mktemp("rag-ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     try:
         yield serve.run(build_retriever_app(home), name="rag-test", route_prefix=None, blocking=False)
     finally:
@@ -55,22 +48,14 @@ def test_retriever_deployment(handle):
 
 
 def test_router_over_the_handle(handle):
-    import uvicorn
     from fastapi import FastAPI
 
     from serving.rag.api import build_router
 
     app = FastAPI()
     app.include_router(build_router(handle))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as c:
+    with AppServer(app, "rag-router") as server:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
             r = c.post("/collections", json={"name": "web"})
             assert r.status_code == 200, r.text
             c.post("/collections/web/documents", json={"documents": [{"id": "a", "text": "Owls hunt at night."}]})
@@ -80,9 +65,6 @@ def test_router_over_the_handle(handle):
             assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
             r = c.post("/collections/web/query", json={"query": "x", "k": 0})
             assert r.status_code == 400 and r.json()["error"]["param"] == "k"
-    finally:
-        server.should_exit = True
-        thread.join(10)
     # the handle stays usable after the server's event loop is gone
     assert handle.list_collections.remote().result(timeout_s=60)[0]["name"] in ("docs", "web")
 

@@ -2,43 +2,28 @@
 tiny random Llama in runner subprocesses against a temporary MLflow store."""
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from training.api import make_app
+from serving.router.sim import AppServer, free_port
 from training.jobs import JobManager
 from training.testing import isolated_home, make_tiny_llama, qa_records
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAPLEX_HOME", str(isolated_home(tmp_path)))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manager = JobManager(tmp_path / "ft", max_concurrent=2, gateway_url=f"http://127.0.0.1:{_free_port()}")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(make_app(manager), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    yield {"client": client, "manager": manager, "url": f"http://127.0.0.1:{port}", "tmp": tmp_path,
-           "model": make_tiny_llama(tmp_path / "tiny")}
-    manager.shutdown(timeout=30)
-    srv.should_exit = True
-    thread.join(10)
+    manager = JobManager(tmp_path / "ft", max_concurrent=2, gateway_url=f"http://127.0.0.1:{free_port()}")
+    with AppServer(make_app(manager), "fine-tuning") as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        yield {"client": client, "manager": manager, "url": f"http://127.0.0.1:{srv.port}", "tmp": tmp_path,
+               "model": make_tiny_llama(tmp_path / "tiny")}
+        manager.shutdown(timeout=30)
 
 
 def _wait(client, job_id, statuses, timeout=400):

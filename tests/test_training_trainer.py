@@ -4,7 +4,6 @@ resume == uninterrupted, and errors raised before anything is created."""
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import validate_config
+from serving.router.sim import free_port
 from training.testing import isolated_home, make_tiny_llama, qa_records, write_jsonl
 
 
@@ -119,12 +119,6 @@ def test_training_reduces_loss_with_packing(env):
     assert len(losses) == 8 and losses[-1] < losses[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_setup_errors_are_clear_and_leave_nothing_behind(env, monkeypatch):
     from mlflow import MlflowClient
 
@@ -142,7 +136,7 @@ def test_setup_errors_are_clear_and_leave_nothing_behind(env, monkeypatch):
     with pytest.raises(TrainingError, match="--resume: no checkpoint"):
         train(_cfg(env, "fresh"), progress=False, resume=True)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TrackingError, match=r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"):
         train(_cfg(env, "u"), progress=False)
     monkeypatch.undo()
