@@ -79,6 +79,12 @@ class _Plan:
                 self.runs = runs
 
 
+def _shrink_rows(rows: torch.Tensor, lora_a: torch.Tensor, slot: int, scales: torch.Tensor | None) -> torch.Tensor:
+    """rows @ A[slot]^T, times the slot's scale (scales None: the scale is already folded into B)."""
+    t = rows @ lora_a[slot].t()
+    return t if scales is None else t * scales[slot]
+
+
 def _plan(token_lora: torch.Tensor, num_slots: int) -> _Plan:
     return step_cache.cached("lora", (token_lora,), lambda: _Plan(token_lora, num_slots), (num_slots,))
 
@@ -98,8 +104,7 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0):
         t[plan.idx] = tp.view(-1, r)[plan.flat]
         return t
     for slot, idx in plan.groups:
-        rows = x.index_select(0, idx)
-        t.index_copy_(0, idx, (rows @ lora_a[slot].t()) * scales[slot])
+        t.index_copy_(0, idx, _shrink_rows(x.index_select(0, idx), lora_a, slot, scales))
     return t
 
 
@@ -142,16 +147,13 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     plan = _plan(token_lora, num_slots)
     if plan.max_n == 0:
         return ys
-    scaled = isinstance(scale, torch.Tensor) or scale != 1.0
-    scales = slot_scales(scale, num_slots, x.device).to(x.dtype) if scaled else None
+    scales = None  # a float scale of 1: the engine folds adapter scales into B
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        scales = slot_scales(scale, num_slots, x.device).to(x.dtype)
     if plan.runs is not None:
         for slot, start, end in plan.runs:
-            rows = x[start:end]
             for a, b, y in zip(lora_as, lora_bs, ys):
-                t = rows @ a[slot].t()
-                if scaled:
-                    t = t * scales[slot]
-                y[start:end].addmm_(t, b[slot].t())
+                y[start:end].addmm_(_shrink_rows(x[start:end], a, slot, scales), b[slot].t())
         return ys
     if plan.dense:
         if plan.in_order:
@@ -163,7 +165,7 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
         xt = xp.reshape(num_slots, plan.max_n, x.shape[1]).transpose(1, 2)  # [slots, H_in, max_n]
         for a, b, y in zip(lora_as, lora_bs, ys):
             t = torch.bmm(a, xt)  # [slots, r, max_n]: A on the left was 1.5x faster than x @ A^T for decode
-            if scaled:
+            if scales is not None:
                 t = t * scales[:, None, None]
             yp = torch.bmm(t.transpose(1, 2), b.transpose(1, 2)).view(-1, b.shape[1]).to(y.dtype)
             if plan.in_order:
@@ -174,8 +176,5 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     for slot, idx in plan.groups:
         rows = x.index_select(0, idx)
         for a, b, y in zip(lora_as, lora_bs, ys):
-            t = rows @ a[slot].t()
-            if scaled:
-                t = t * scales[slot]
-            y.index_add_(0, idx, (t @ b[slot].t()).to(y.dtype))
+            y.index_add_(0, idx, (_shrink_rows(rows, a, slot, scales) @ b[slot].t()).to(y.dtype))
     return ys

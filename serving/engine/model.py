@@ -53,7 +53,6 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 

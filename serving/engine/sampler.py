@@ -52,10 +52,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
     row asked for logprobs (the full-vocabulary log-softmax is then skipped)."""
     wants_logprobs = any(s.params.logprobs is not None for s in seqs)
     logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-    penalised = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
-                    for s in seqs)
-    work = logits.clone() if penalised else logits
-    if penalised:
+    work = logits
+    if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+           for s in seqs):
+        work = logits.clone()
         _apply_penalties(work, seqs)
     greedy = [s.params.greedy for s in seqs]
     tokens = work.argmax(dim=-1).tolist()
