@@ -61,7 +61,7 @@ def triton_module(kind: str):
 
 
 def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
-                    num_stages: int = 2) -> dict:
+                    num_stages: int = 2, maxnreg: int | None = None) -> dict:
     """Compile a compiled-mode @triton.jit kernel (a process without TRITON_INTERPRET) for an NVIDIA GPU without one (the ptxas bundled with triton) and return its
     resource use {"registers", "stack"}; catches GPU-only compile errors and register spills on a CPU machine.
     types: pointer/float arguments ("*bf16", "*i32", "fp32"); other arguments default to i32."""
@@ -77,7 +77,7 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_w
     signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
     src = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -117,9 +117,14 @@ def gpu_compile_report(arch: int = 90) -> dict:
                                                                      OFF64=False, DOT_PREC="tf32"), arch)
     report["lora-expand"] = compile_for_gpu(L._expand_kernel, dict(seg, t_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16"),
                                             dict(BLOCK_M=32, BLOCK_N=128, BLOCK_R=32, OFF64=False, DOT_PREC="tf32"), arch)
-    topk = dict(q_ptr="*bf16", k_ptr="*bf16", out_s_ptr="*fp32", out_i_ptr="*i32")
-    for select, kk in ((True, 16), (False, 1024)):
-        report[f"topk-select{int(select)}"] = compile_for_gpu(T._topk_tile_kernel, topk, dict(
-            COSINE=True, SELECT=select, KK=kk, BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, DOT_PREC="tf32"), arch,
-            num_warps=8)
+    topk = dict(q_ptr="*bf16", k_ptr="*bf16", qinv_ptr="*fp32", kinv_ptr="*fp32", out_ptr="*fp32")
+    for cfg in T._GPU_CONFIGS:
+        bd, w, st = cfg.kwargs["BLOCK_D"], cfg.num_warps, cfg.num_stages
+        report[f"topk-scores-d{bd}-w{w}-s{st}"] = compile_for_gpu(T._scores_kernel, topk, dict(
+            COSINE=True, TILE_MAX=True, BLOCK_M=64, BLOCK_N=128, BLOCK_D=bd, OFF64=False, DOT_PREC="tf32"), arch,
+            num_warps=w, num_stages=st)
+    report["topk-rescore"] = compile_for_gpu(T._rescore_kernel, dict(q_ptr="*bf16", k_ptr="*bf16", qinv_ptr="*fp32",
+                                             kinv_ptr="*fp32", tiles_ptr="*i32", out_s_ptr="*fp32",
+                                             out_i_ptr="*i32"),
+                                             dict(COSINE=True, BLOCK_N=128, BLOCK_D=32, OFF64=False), arch)
     return report

@@ -9,6 +9,7 @@ from kernels import ref_attention as ref
 from kernels.testing import TOLERANCES, case_id, cases, triton_module
 
 CASES = cases()
+DEV = CASES[0][0]  # where the Triton kernels run: the interpreter on the CPU, else CUDA
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,9 @@ def test_split_partials_merge_across_uneven_splits(tri):
     """Long context split in 7 partitions next to a 1-token sequence that uses one."""
     gen = torch.Generator().manual_seed(2)
     lens = [100, 1, 47]
-    kc, vc, bt, _ = _paged_cache(lens, 2, 64, 16, torch.float32, "cpu", gen)
-    q = torch.randn(3, 4, 64, generator=gen)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kc, vc, bt, _ = _paged_cache(lens, 2, 64, 16, torch.float32, DEV, gen)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     expected = ref.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.1)
     got = tri.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.1, partition_size=16, max_seq_len=100)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -191,8 +192,8 @@ def test_split_count_is_capped_for_very_long_contexts(tri, monkeypatch):
     monkeypatch.setattr(tri, "MAX_SPLITS", 2)
     gen = torch.Generator().manual_seed(7)
     lens = [90, 33]
-    kc, vc, bt, _ = _paged_cache(lens, 1, 64, 16, torch.float32, "cpu", gen)
-    q = torch.randn(2, 2, 64, generator=gen)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kc, vc, bt, _ = _paged_cache(lens, 1, 64, 16, torch.float32, DEV, gen)
+    q = torch.randn(2, 2, 64, generator=gen).to(DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     got = tri.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.125, partition_size=16)
     torch.testing.assert_close(got, ref.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.125), atol=1e-4, rtol=1e-4)

@@ -122,13 +122,14 @@ def test_shrink_expand_match_reference(tri, case, shape, per_slot_scale):
 
 
 def test_all_tokens_without_adapter_leave_y_unchanged(tri):
-    x = torch.randn(5, 32)
-    a, b = _adapters(2, 16, 32, 16, [16, 16], torch.float32, torch.Generator().manual_seed(2))
-    token_lora = torch.full((5,), -1, dtype=torch.int32)
-    y0 = torch.randn(5, 16)
+    dev = cases()[0][0]
+    x = torch.randn(5, 32, device=dev)
+    a, b = (w.to(dev) for w in _adapters(2, 16, 32, 16, [16, 16], torch.float32, torch.Generator().manual_seed(2)))
+    token_lora = torch.full((5,), -1, dtype=torch.int32, device=dev)
+    y0 = torch.randn(5, 16, device=dev)
     t = tri.lora_shrink(x, a, token_lora, 1.0)
     y = tri.lora_expand(t, b, token_lora, y0.clone())
-    assert torch.equal(t, torch.zeros(5, 16)) and torch.equal(y, y0)
+    assert torch.equal(t, torch.zeros(5, 16, device=dev)) and torch.equal(y, y0)
 
 
 @pytest.mark.parametrize("impl", ["ref", "triton"])

@@ -70,8 +70,22 @@ def test_topk_matches_reference(tri, case, k, metric):
     _check(tri.topk_scores(q, keys, k, metric), q, keys, k, metric, dtype)
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("k,metric", [(1, "ip"), (10, "ip"), (10, "cosine")])
+def test_two_pass_topk_finds_keys_clustered_in_one_tile(tri, case, k, metric):
+    """n large against k x tile: the tile-maximum pass then a rescore of each query's k best tiles. Query 0's
+    true top-k sit side by side in one tile, so nine of its chosen tiles hold none of them."""
+    device, dtype = case
+    q, keys = _data(5, 6000, 40, torch.Generator().manual_seed(4))
+    keys[200:200 + k] = 4 * q[0] + 0.01 * torch.randn(k, 40, generator=torch.Generator().manual_seed(5))
+    q, keys = q.to(dtype).to(device), keys.to(dtype).to(device)
+    scores, ids = tri.topk_scores(q, keys, k, metric)
+    _check((scores, ids), q, keys, k, metric, dtype)
+    assert sorted(ids[0].tolist()) == list(range(200, 200 + k))
+
+
 def test_topk_more_queries_than_a_tile_and_k_above_n(tri):
-    q, keys = _data(19, 70, 16, torch.Generator().manual_seed(3))
+    q, keys = (t.to(CASES[0][0]) for t in _data(19, 70, 16, torch.Generator().manual_seed(3)))
     scores, ids = tri.topk_scores(q, keys, 1024, "ip")
     assert scores.shape == (19, 70)
     exp_scores, exp_ids = torch.topk(q @ keys.T, 70, dim=1)
