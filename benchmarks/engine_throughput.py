@@ -10,7 +10,8 @@ is each system's best round, and ratio_vs_best_hf the median over rounds of the 
 figure of the same round (paired); (a) runs once (it is ~10x slower than the others, never the best HF figure).
 
   python benchmarks/engine_throughput.py [--requests 32] [--max-tokens 128] [--model smollm2-135m-instruct]
-  # GPU, Llama-3.2-1B shapes with random weights (config only, no download), bf16:
+  # GPU, Llama-3.2-1B shapes with random weights (config only, no download; HF gets random weights of the same
+  # config, which costs it the same per token), bf16 (the engine's default on CUDA):
   python benchmarks/engine_throughput.py --load-format dummy --model configs/models/llama-3.2-1b \
       --tokenizer smollm2-135m-instruct --dtype bfloat16 --kv-cache 8GiB
 """
@@ -64,51 +65,66 @@ def run_engine(engine, prompt_ids, max_tokens):
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
-def hf_model(path, dtype, attn=None):
-    from transformers import AutoModelForCausalLM
+def hf_model(path, dtype, device, dummy=False, attn=None):
+    """HF's model for `path` on `device`; with dummy weights, random ones from the same config (same cost)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
     if attn:
         kwargs["attn_implementation"] = attn
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if dummy:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
-def run_hf_sequential(path, dtype, prompt_ids, max_tokens):
-    model = hf_model(path, dtype)
-    model.generate(torch.tensor([prompt_ids[0]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+def run_hf_sequential(model, prompt_ids, max_tokens):
+    dev = model.device
+    model.generate(torch.tensor([prompt_ids[0]], device=dev), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    sync(dev)
     tokens, start = 0, time.perf_counter()
     for ids in prompt_ids:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+        out = model.generate(torch.tensor([ids], device=dev), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=0)
         tokens += out.shape[1] - len(ids)
+    sync(dev)
     return tokens / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
-def run_hf_static(path, dtype, prompt_ids, max_tokens):
-    model = hf_model(path, dtype)
+def run_hf_static(model, prompt_ids, max_tokens):
+    dev = model.device
     width = max(len(i) for i in prompt_ids)
-    ids = torch.tensor([[0] * (width - len(i)) + i for i in prompt_ids])  # left padding
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids])
+    ids = torch.tensor([[0] * (width - len(i)) + i for i in prompt_ids], device=dev)  # left padding
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids], device=dev)
     model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    sync(dev)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                          do_sample=False, pad_token_id=0)
+    sync(dev)
     return (out.shape[1] - width) * len(prompt_ids) / (time.perf_counter() - start)
 
 
-@torch.inference_mode()
-def run_hf_continuous(path, dtype, prompt_ids, max_tokens):
+def run_hf_continuous(model, prompt_ids, max_tokens):
+    """No inference_mode here: generate_batch's worker thread updates tensors made on this one (5.17 fails)."""
     from transformers import GenerationConfig
 
-    model = hf_model(path, dtype, attn="paged|sdpa")
     cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     model.generate_batch(inputs=prompt_ids[:1], generation_config=GenerationConfig(
         max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0), progress_bar=False)  # warm-up
     start = time.perf_counter()
     outs = model.generate_batch(inputs=prompt_ids, generation_config=cfg, progress_bar=False)
     tokens = sum(len(o.generated_tokens) for o in outs.values())
+    sync(model.device)
+    if tokens < len(prompt_ids) * max_tokens:
+        raise RuntimeError(f"generate_batch returned {tokens} of {len(prompt_ids) * max_tokens} tokens")
     return tokens / (time.perf_counter() - start)
 
 
@@ -133,14 +149,17 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or args.model))
     prompt_ids = [tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
     results = {"machine": machine(), "requests": args.requests, "max_tokens": args.max_tokens, "model": args.model,
-               "repeat": args.repeat}
+               "load_format": args.load_format, "repeat": args.repeat}
     engine = make_engine(args)
-    run_hf = not args.skip_hf and args.load_format != "dummy"
-    dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
+    run_hf = not args.skip_hf
     batched = [("engine_tok_s", lambda: run_engine(engine, prompt_ids, args.max_tokens))]
-    if run_hf:
-        batched += [(key, lambda fn=fn: fn(engine.model_path, dtype, prompt_ids, args.max_tokens))
-                    for key, fn in (("hf_static_batch_tok_s", run_hf_static), ("hf_continuous_tok_s", run_hf_continuous))]
+    if run_hf:  # HF in the engine's dtype on its device; with dummy weights, random ones of the same shapes
+        dummy = args.load_format == "dummy"
+        with console.status("loading the HF models"):
+            plain = hf_model(engine.model_path, engine.dtype, engine.device, dummy)
+            paged = hf_model(engine.model_path, engine.dtype, engine.device, dummy, attn="paged|sdpa")
+        batched += [("hf_static_batch_tok_s", lambda: run_hf_static(plain, prompt_ids, args.max_tokens)),
+                    ("hf_continuous_tok_s", lambda: run_hf_continuous(paged, prompt_ids, args.max_tokens))]
     rounds: dict[str, list[float]] = {key: [] for key, _ in batched}
     for r in range(args.repeat):
         for key, fn in batched:
@@ -148,7 +167,7 @@ def main(argv=None):
                 try:
                     rounds[key].append(fn())
                 except Exception as exc:  # report, don't hide: the figure is missing, not zero
-                    console.print(f"[red]{key} failed: {exc}")
+                    console.print(f"[red]{key} failed: {exc!r}")
             console.print(f"round {r + 1}: {key} {rounds[key][-1] if rounds[key] else None}")
     for key, values in rounds.items():
         results[key] = max(values) if values else None
@@ -156,9 +175,9 @@ def main(argv=None):
     if run_hf:
         with console.status("hf_sequential_tok_s"):
             try:
-                results["hf_sequential_tok_s"] = run_hf_sequential(engine.model_path, dtype, prompt_ids, args.max_tokens)
+                results["hf_sequential_tok_s"] = run_hf_sequential(plain, prompt_ids, args.max_tokens)
             except Exception as exc:
-                console.print(f"[red]hf_sequential_tok_s failed: {exc}")
+                console.print(f"[red]hf_sequential_tok_s failed: {exc!r}")
                 results["hf_sequential_tok_s"] = None
         console.print(f"hf_sequential_tok_s: {results['hf_sequential_tok_s']}")
     console.print(f"engine: {results['engine_tok_s']:.1f} tok/s")

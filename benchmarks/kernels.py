@@ -269,7 +269,11 @@ def main(argv=None) -> int:
         figures[kind] = {"bytes": moved}
         for name, fn in runners.items():
             if fn == "faiss":
-                fn = faiss_runner(inputs, a.topk_k)
+                try:
+                    fn = faiss_runner(inputs, a.topk_k)
+                except ImportError:
+                    rows.append((kind, name, {"note": "faiss not installed (pip install faiss-cpu)"}))
+                    continue
             console.log(f"  {kind} / {name}: timing {repeats} runs")
             fresh = inputs
             if kind == "lora":  # expand adds into y in place; time it on its own buffer

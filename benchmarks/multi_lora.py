@@ -6,6 +6,9 @@ within minutes, so the counts run in --repeat interleaved rounds: tokens/s is ea
 the ratio to base-only is the median over rounds of the ratio within a round (paired, minutes apart).
 
   python benchmarks/multi_lora.py [--requests 32] [--max-tokens 128] [--adapters 0,1,8,32] [--rank 16]
+  # GPU, Llama-3.2-1B shapes with random weights (no download), bf16, Triton LoRA kernels:
+  python benchmarks/multi_lora.py --load-format dummy --model configs/models/llama-3.2-1b \
+      --tokenizer smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ console = Console()
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_adapters(base_path: str, n: int, rank: int, folder: str) -> list[str]:
+def write_adapters(base_path: str, n: int, rank: int, folder: str, device: torch.device) -> list[str]:
     """n random PEFT adapters (non-zero A and B) for the base model, written as PEFT does."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base_path)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL))
+    with torch.device(device):  # a 1B base's random init takes seconds on a GPU, a minute on a CPU
+        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                               LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL))
     paths = []
     for i in range(n):
         gen = torch.Generator().manual_seed(i)
@@ -62,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--adapters", default="0,1,8,32")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer source when the model folder has none")
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--kv-cache", default="2GiB")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds over the adapter counts; best kept")
     args = ap.parse_args(argv)
@@ -69,17 +76,19 @@ def main(argv=None):
 
     from serving.engine import EngineConfig, SamplingParams
     from serving.engine.llm_engine import LLMEngine
+    from serving.models import resolve_model
 
-    engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
+    engine = LLMEngine(EngineConfig(model=args.model, tokenizer=resolve_model(args.tokenizer) if args.tokenizer else None,
+                                    dtype=args.dtype, load_format=args.load_format, kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
                                     max_num_batched_tokens=2048, max_loras=max(counts + [1]),
                                     max_lora_rank=args.rank, enable_prefix_caching=False))
     prompt_ids = [engine.tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    results = {"machine": machine(), "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank,
-               "repeat": args.repeat}
+    results = {"machine": machine(), "model": args.model, "load_format": args.load_format, "dtype": str(engine.dtype),
+               "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank, "repeat": args.repeat}
     with tempfile.TemporaryDirectory() as tmp:
         with console.status("writing adapters"):
-            paths = write_adapters(engine.model_path, max(counts), args.rank, tmp)
+            paths = write_adapters(engine.model_path, max(counts), args.rank, tmp, engine.device)
         for i, path in enumerate(paths):
             engine.add_lora(f"adapter-{i}", path)
         engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
