@@ -35,27 +35,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import emit, machine, workload_prompts
+from benchmarks.common import add_workload_args, emit, machine, workload_engine, workload_prompts
 
 console = Console()
 
 
 def make_engine(args):
-    from serving.engine import EngineConfig, SamplingParams
-    from serving.models import resolve_model
-    from serving.engine.llm_engine import LLMEngine
+    from serving.engine import SamplingParams
 
-    tokenizer = resolve_model(args.tokenizer) if args.tokenizer else None
-    engine = LLMEngine(EngineConfig(model=args.model, tokenizer=tokenizer, dtype=args.dtype,
-                                    load_format=args.load_format,
-                                    kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
-                                    max_num_batched_tokens=args.batched_tokens, enable_prefix_caching=False))
+    engine = workload_engine(args, max_num_batched_tokens=args.batched_tokens)
     engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     return engine
 
 
 def run_engine(engine, prompt_ids, max_tokens):
-    """Prefix caching is off: a repeated round must not find the previous round's prompts cached."""
     from serving.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -130,13 +123,7 @@ def run_hf_continuous(model, prompt_ids, max_tokens):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer source when the model folder has none")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    ap.add_argument("--kv-cache", default="2GiB")
+    add_workload_args(ap)
     ap.add_argument("--batched-tokens", type=int, default=2048)
     ap.add_argument("--skip-hf", action="store_true", help="only measure the engine")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds of the batched systems; best kept")

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import emit, machine, workload_prompts
+from benchmarks.common import add_workload_args, emit, machine, workload_engine, workload_prompts
 
 console = Console()
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,27 +61,16 @@ def write_adapters(base_path: str, n: int, rank: int, folder: str, device: torch
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    add_workload_args(ap)
     ap.add_argument("--adapters", default="0,1,8,32")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer source when the model folder has none")
-    ap.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    ap.add_argument("--kv-cache", default="2GiB")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds over the adapter counts; best kept")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.adapters.split(",")]
 
-    from serving.engine import EngineConfig, SamplingParams
-    from serving.engine.llm_engine import LLMEngine
-    from serving.models import resolve_model
+    from serving.engine import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=args.model, tokenizer=resolve_model(args.tokenizer) if args.tokenizer else None,
-                                    dtype=args.dtype, load_format=args.load_format, kv_cache_memory=args.kv_cache, max_num_seqs=max(64, args.requests),
-                                    max_num_batched_tokens=2048, max_loras=max(counts + [1]),
-                                    max_lora_rank=args.rank, enable_prefix_caching=False))
+    engine = workload_engine(args, max_num_batched_tokens=2048, max_loras=max(counts + [1]), max_lora_rank=args.rank)
     prompt_ids = [engine.tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     results = {"machine": machine(), "model": args.model, "load_format": args.load_format, "dtype": str(engine.dtype),
