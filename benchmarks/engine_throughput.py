@@ -130,14 +130,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    from serving.models import resolve_model
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or args.model))
-    prompt_ids = [tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
+    engine = make_engine(args)
+    prompt_ids = [engine.tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
     results = {"machine": machine(), "requests": args.requests, "max_tokens": args.max_tokens, "model": args.model,
                "load_format": args.load_format, "repeat": args.repeat}
-    engine = make_engine(args)
     run_hf = not args.skip_hf
     batched = [("engine_tok_s", lambda: run_engine(engine, prompt_ids, args.max_tokens))]
     if run_hf:  # HF in the engine's dtype on its device; with dummy weights, random ones of the same shapes

@@ -61,7 +61,7 @@ def triton_module(kind: str):
 
 
 def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
-                    num_stages: int = 2, maxnreg: int | None = None) -> dict:
+                    num_stages: int = 2) -> dict:
     """Compile a compiled-mode @triton.jit kernel (a process without TRITON_INTERPRET) for an NVIDIA GPU without one (the ptxas bundled with triton) and return its
     resource use {"registers", "stack"}; catches GPU-only compile errors and register spills on a CPU machine.
     types: pointer/float arguments ("*bf16", "*i32", "fp32"); other arguments default to i32."""
@@ -77,7 +77,7 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_w
     signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
     src = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")

@@ -10,18 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_launch import dot_precision, needs_int64
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use full-precision dots (TF32 would miss the 1e-4 tolerance); fp16/bf16 ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """64-bit offsets only for tensors past 2**31 elements: int32 offset tiles take far fewer registers."""
-    return any(t.numel() >= 2**31 - 1 for t in tensors)
 
 
 def _check_head_dims(q: torch.Tensor, k: torch.Tensor, name: str) -> int:
@@ -166,8 +158,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, m
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0), out.stride(0), out.stride(1),
         hq, splits,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_N=block_n, PARTITION=partition, SPLIT=split, OFF64=_needs_int64(k_cache, v_cache),
-        DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_D=block_d, BLOCK_N=block_n, PARTITION=partition, SPLIT=split, OFF64=needs_int64(k_cache, v_cache),
+        DOT_PREC=dot_precision(q.dtype),
         num_warps=4, num_stages=2)
     if split:
         _decode_reduce_kernel[(num_seqs, hq)](
@@ -269,8 +261,8 @@ def _launch_prefill(q, k, v, out, cu_q, cu_k, lens, bt, scale, paged, causal, ma
         q, k, v, out, cu_q, cu_k, lens, bt, float(scale) * LOG2E, q.stride(0), q.stride(1), *strides_k, *strides_v,
         stride_bts, out.stride(0), out.stride(1),
         PAGED=paged, CAUSAL=causal, BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, OFF64=_needs_int64(k, v),
-        DOT_PREC=_dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, OFF64=needs_int64(k, v),
+        DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
     return out
 
 

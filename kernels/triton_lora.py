@@ -13,10 +13,7 @@ import triton.language as tl
 
 from kernels import step_cache
 from kernels.ref_lora import check_lora_args, slot_scales
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+from kernels.triton_launch import dot_precision, needs_int64
 
 
 def slot_segments(token_lora: torch.Tensor, num_slots: int):
@@ -97,11 +94,6 @@ def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
     return 16 if not on_gpu or num_tokens / max(1, num_slots) <= 32 else 32
 
 
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """64-bit row offsets only past 2**31 elements: int32 offset tiles take far fewer registers."""
-    return any(t.numel() >= 2**31 - 1 for t in tensors)
-
-
 def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
     """segments: slot_segments(token_lora, num_slots), to share the sort between shrink and expand."""
     check_lora_args(x, lora_a, token_lora, "lora_shrink")
@@ -125,8 +117,8 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(rank, block_r), num_slots)
     _shrink_kernel[grid](x, lora_a, t, order, starts, counts, scales, hidden, rank,
                          x.stride(0), lora_a.stride(0), lora_a.stride(1), t.stride(0),
-                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OFF64=_needs_int64(x, t),
-                         DOT_PREC=_dot_precision(x.dtype),
+                         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OFF64=needs_int64(x, t),
+                         DOT_PREC=dot_precision(x.dtype),
                          num_warps=4)
     return t
 
@@ -152,8 +144,8 @@ def lora_expand(t, lora_b, token_lora, y, segments=None):
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n), num_slots)
     _expand_kernel[grid](t, lora_b, y, order, starts, counts, out_features, rank,
                          t.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, OFF64=_needs_int64(t, y),
-                         DOT_PREC=_dot_precision(lora_b.dtype),
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, OFF64=needs_int64(t, y),
+                         DOT_PREC=dot_precision(lora_b.dtype),
                          num_warps=4)
     return y
 

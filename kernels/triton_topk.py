@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.ref_topk import check_topk_args
+from kernels.triton_launch import dot_precision, needs_int64
 
 SCORE_BUDGET = 1 << 26  # fp32 tile maxima / dense scores held at once; queries are chunked to stay under it
 
@@ -86,10 +87,6 @@ _GPU_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
 _scores_tuned = triton.autotune(_GPU_CONFIGS, key=["dim", "BLOCK_M", "COSINE"])(_scores_kernel)
 
 
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(t.numel() >= 2**31 - 1 for t in tensors)
-
-
 def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     """1 / max(||row||, 1e-12) in fp32, without an fp32 copy of x."""
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
@@ -101,8 +98,8 @@ def _scores(queries, keys, qinv, kinv, out, tile_max, block_m, block_n):
     args = (queries, keys, qinv, kinv, out, nq, keys.shape[0], dim, queries.stride(0), keys.stride(0),
             out.stride(0))
     meta = dict(COSINE=qinv is not None, TILE_MAX=tile_max, BLOCK_M=block_m, BLOCK_N=block_n,
-                OFF64=_needs_int64(queries, keys),
-                DOT_PREC="ieee" if queries.dtype == torch.float32 else "tf32")
+                OFF64=needs_int64(queries, keys),
+                DOT_PREC=dot_precision(queries.dtype))
     if queries.device.type == "cuda":
         _scores_tuned[grid](*args, **meta)
     else:  # the interpreter: one fixed configuration
@@ -148,7 +145,7 @@ def topk_scores(queries, keys, k, metric="ip"):
         _rescore_kernel[(qc.shape[0], chosen)](qc, keys, qinv, kinv, best_tiles, cand_s, cand_i, n, dim,
                                                qc.stride(0), keys.stride(0), best_tiles.stride(0), cand_s.stride(0),
                                                COSINE=cosine, BLOCK_N=block_n, BLOCK_D=32,
-                                               OFF64=_needs_int64(qc, keys), num_warps=4)
+                                               OFF64=needs_int64(qc, keys), num_warps=4)
         s, j = torch.topk(cand_s, k, dim=1)
         out_s[q0:q0 + chunk] = s
         out_i[q0:q0 + chunk] = torch.gather(cand_i, 1, j).long()

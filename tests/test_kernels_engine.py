@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 from kernels.testing import triton_module
 from serving.engine import EngineConfig, SamplingParams
 from serving.engine.llm_engine import LLMEngine
@@ -30,19 +31,21 @@ def engine_tokens(base, adapters, backend, device):
     return {k: [o.outputs[0].token_ids for o in v] for k, v in out.items()}
 
 
+@pytest.fixture(autouse=True)
+def _auto_backend_after():
+    """Each engine below sets the process-wide kernel backend; put it back even when a test fails."""
+    yield
+    kernels.set_backend("auto")
+
+
 def check_triton_engine_matches_torch(base, adapter_root) -> None:
     """Shared with the GPU check script: same greedy tokens from both backends, with and without adapters."""
     triton_module("attention"), triton_module("lora")  # interpreter-built without a GPU
     adapters = {name: make_lora_adapter(base, f"{adapter_root}/{name}", rank, seed=i)
                 for i, (name, rank) in enumerate(LORAS)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        expected = engine_tokens(base, adapters, "torch", device)
-        got = engine_tokens(base, adapters, "triton", device)
-    finally:
-        import kernels
-
-        kernels.set_backend("auto")
+    expected = engine_tokens(base, adapters, "torch", device)
+    got = engine_tokens(base, adapters, "triton", device)
     assert got == expected
     assert expected["lora"][0] != expected["base"][0]  # the adapters change what is generated
 
@@ -63,8 +66,5 @@ def test_engine_on_triton_kernels_matches_torch_bf16_cuda(tiny_model_factory, tm
                                         num_kv_blocks=128, block_size=8, max_num_batched_tokens=64))
         tokens[backend] = [o.outputs[0].token_ids[:4] for o in
                            engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))]
-    import kernels
-
-    kernels.set_backend("auto")
     agree = sum(a == b for a, b in zip(tokens["torch"], tokens["triton"]))
     assert agree >= len(PROMPTS) - 1

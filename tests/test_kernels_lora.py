@@ -122,7 +122,7 @@ def test_shrink_expand_match_reference(tri, case, shape, per_slot_scale):
 
 
 def test_all_tokens_without_adapter_leave_y_unchanged(tri):
-    dev = cases()[0][0]
+    dev = CASES[0][0]  # where the Triton kernels run
     x = torch.randn(5, 32, device=dev)
     a, b = (w.to(dev) for w in _adapters(2, 16, 32, 16, [16, 16], torch.float32, torch.Generator().manual_seed(2)))
     token_lora = torch.full((5,), -1, dtype=torch.int32, device=dev)
