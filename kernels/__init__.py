@@ -1,7 +1,8 @@
 """loraplex's kernels: paged attention, multi-LoRA shrink/expand and top-k retrieval scoring.
 
 Each kernel has a vectorised torch reference (`ref_*`, also the CPU production path) and a Triton version
-(`triton_*`, imported lazily on first CUDA use); `kernels.dispatch` picks one per call (see its docstring).
+(`triton_*`, imported lazily on first CUDA use); decode attention also has a C version for the CPU
+(`cpu_attention`, compiled on first use); `kernels.dispatch` picks one per call (see its docstring).
 """
 
 from kernels.dispatch import (
@@ -14,6 +15,7 @@ from kernels.dispatch import (
     paged_decode_attention,
     paged_prefill_attention,
     prefill_attention,
+    prepare,
     requested_backend,
     set_backend,
     topk_scores,
@@ -25,6 +27,7 @@ __all__ = [
     "backend_for",
     "requested_backend",
     "set_backend",
+    "prepare",
     "paged_decode_attention",
     "prefill_attention",
     "paged_prefill_attention",

@@ -2,7 +2,8 @@
 
 Backend choice, highest priority first: `set_backend(name)` (the engine's `kernels` config; "auto" defers), then
 the `LORAPLEX_KERNELS` environment variable (auto|torch|triton), then auto. Auto picks Triton when the tensors
-are on CUDA and triton imports, torch otherwise. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
+are on CUDA and triton imports, torch otherwise — except decode attention on float32 CPU tensors, which auto
+sends to the compiled C kernel (kernels.cpu_attention) where it builds; "torch" forces the pure torch paths. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
 before the first Triton kernel module is imported).
 """
 
@@ -76,6 +77,17 @@ def backend_for(device: torch.device) -> str:
     return "triton"
 
 
+def prepare(device: torch.device, dtype: torch.dtype) -> str:
+    """Build now what auto will use for tensors of this device and dtype (the C decode kernel compiles once per
+    machine, ~2 s), so the first request does not wait for it; returns a line saying which kernels run."""
+    backend = backend_for(device)
+    if backend == "torch" and requested_backend() == "auto" and device.type == "cpu" and dtype == torch.float32:
+        from kernels import cpu_attention
+
+        return cpu_attention.status()
+    return f"{backend} kernels"
+
+
 def _impl(kind: str, device: torch.device):
     """The module implementing `kind` (attention, lora, topk) for `device`; imported on first use."""
     prefix = "triton" if backend_for(device) == "triton" else "ref"
@@ -90,6 +102,11 @@ def _hint(**hints):
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=None):
     """q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks]; seq_lens [S]."""
     impl = _impl("attention", q.device)
+    if impl.__name__ == "kernels.ref_attention" and requested_backend() == "auto":
+        from kernels import cpu_attention
+
+        if cpu_attention.supports(q, k_cache, v_cache):
+            impl = cpu_attention
     extra = _hint(max_seq_len=max_seq_len) if impl.__name__ == "kernels.triton_attention" else {}
     return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, **extra)
 

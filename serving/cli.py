@@ -43,8 +43,13 @@ def cmd_prepare(args) -> int:
         emb = embedding_model_path()
     except ModelNotFoundError as exc:
         raise CLIError(str(exc)) from None
+    import torch
+
+    import kernels
+
     print(f"default model: {path}")
     print(f"embedding model: {emb}")
+    print(f"CPU kernels: {kernels.prepare(torch.device('cpu'), torch.float32)}")
     return 0
 
 
