@@ -1,8 +1,9 @@
 """loraplex's kernels: paged attention, multi-LoRA shrink/expand and top-k retrieval scoring.
 
 Each kernel has a vectorised torch reference (`ref_*`, also the CPU production path) and a Triton version
-(`triton_*`, imported lazily on first CUDA use); decode attention also has a C version for the CPU
-(`cpu_attention`, compiled on first use); `kernels.dispatch` picks one per call (see its docstring).
+(`triton_*`, imported lazily on first CUDA use); the decoder's element-wise ops have torch references in `ref_ops`; on the CPU,
+decode attention and those ops also run as C (`cpu_attention`, `cpu_ops`, built by `cpu_native` on first use);
+`kernels.dispatch` picks one per call (see its docstring).
 """
 
 from kernels.dispatch import (
@@ -16,6 +17,9 @@ from kernels.dispatch import (
     paged_prefill_attention,
     prefill_attention,
     prepare,
+    rms_norm,
+    rotary,
+    silu_and_mul,
     requested_backend,
     set_backend,
     topk_scores,
@@ -28,6 +32,9 @@ __all__ = [
     "requested_backend",
     "set_backend",
     "prepare",
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
     "paged_decode_attention",
     "prefill_attention",
     "paged_prefill_attention",

@@ -2,8 +2,8 @@
 
 Backend choice, highest priority first: `set_backend(name)` (the engine's `kernels` config; "auto" defers), then
 the `LORAPLEX_KERNELS` environment variable (auto|torch|triton), then auto. Auto picks Triton when the tensors
-are on CUDA and triton imports, torch otherwise — except decode attention on float32 CPU tensors, which auto
-sends to the compiled C kernel (kernels.cpu_attention) where it builds; "torch" forces the pure torch paths. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
+are on CUDA and triton imports, torch otherwise — except that on float32 CPU tensors auto runs the C kernels
+(decode attention, RMSNorm, SwiGLU, rotary; kernels.cpu_native) where they build; "torch" forces torch. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
 before the first Triton kernel module is imported).
 """
 
@@ -13,6 +13,8 @@ import importlib
 import os
 
 import torch
+
+from kernels import ref_ops
 
 BACKENDS = ("auto", "torch", "triton")
 _configured: str = "auto"
@@ -78,13 +80,13 @@ def backend_for(device: torch.device) -> str:
 
 
 def prepare(device: torch.device, dtype: torch.dtype) -> str:
-    """Build now what auto will use for tensors of this device and dtype (the C decode kernel compiles once per
-    machine, ~2 s), so the first request does not wait for it; returns a line saying which kernels run."""
+    """Build now what auto will use for tensors of this device and dtype (the C kernels compile once per
+    machine, ~3 s), so the first request does not wait for it; returns a line saying which kernels run."""
     backend = backend_for(device)
     if backend == "torch" and requested_backend() == "auto" and device.type == "cpu" and dtype == torch.float32:
-        from kernels import cpu_attention
+        from kernels import cpu_native
 
-        return cpu_attention.status()
+        return cpu_native.status()
     return f"{backend} kernels"
 
 
@@ -123,6 +125,28 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
     impl = _impl("attention", q.device)
     extra = _hint(max_seqlen_q=max_seqlen_q) if impl.__name__ == "kernels.triton_attention" else {}
     return impl.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, **extra)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """(RMSNorm(h) * weight, h) with h = residual + x, added into `residual` in place (h = x without one)."""
+    from kernels import cpu_ops
+
+    impl = cpu_ops if cpu_ops.ok_rms_norm(x, weight, residual) else ref_ops
+    return impl.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(gu):
+    """gu [T, 2*I] (gate then up) -> silu(gate) * up [T, I]."""
+    from kernels import cpu_ops
+
+    return (cpu_ops if cpu_ops.ok_silu_and_mul(gu) else ref_ops).silu_and_mul(gu)
+
+
+def rotary(x, cos, sin):
+    """Rotary embedding (HF's rotate-half form) of x [T, heads, D] with cos/sin [T, D]; may rotate x in place."""
+    from kernels import cpu_ops
+
+    return (cpu_ops if cpu_ops.ok_rotary(x, cos, sin) else ref_ops).rotary(x, cos, sin)
 
 
 def lora_shrink(x, lora_a, token_lora, scale=1.0):

@@ -1,6 +1,6 @@
-"""The C decode-attention kernel for the CPU (kernels.cpu_attention): against torch's SDPA run sequence by
-sequence, routed to by auto dispatch for float32 CPU tensors only, and a machine without a C compiler falls
-back to the torch path with a warning."""
+"""The C kernels for the CPU (kernels/csrc/cpu_kernels.c): decode attention against torch's SDPA run sequence
+by sequence, RMSNorm / SwiGLU / rotary against their torch references (HF's formulas), routed to by auto dispatch
+for float32 CPU tensors only; a machine without a C compiler falls back to the torch paths with a warning."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_attention, dispatch, ref_attention
+from kernels import cpu_attention, cpu_native, cpu_ops, dispatch, ref_attention, ref_ops
 from tests.test_kernels_attention import _paged_cache, _sdpa
 
 
@@ -24,8 +24,8 @@ def _auto_backend(monkeypatch):
 
 def test_kernel_builds_here():
     """CI machines have gcc: the kernel must build, or every CPU test below would only exercise the fallback."""
-    assert cpu_attention.available(), cpu_attention.status()
-    assert cpu_attention.status().startswith("C decode attention")
+    assert cpu_native.available(), cpu_native.status()
+    assert cpu_native.status().startswith("C kernels")
 
 
 # (head_dim, q heads, kv heads, block_size, seq lens): SmolLM2's 9/3 heads, MHA, GQA 8, an odd head_dim, a
@@ -86,10 +86,10 @@ def test_auto_dispatch_uses_it_for_float32_cpu_only(monkeypatch):
 def test_without_a_compiler_the_torch_path_runs(tmp_path):
     """CC pointing at nothing and a fresh data dir: the build fails once, is logged, and decode still works."""
     code = ("import logging, torch, kernels\n"
-            "from kernels import cpu_attention\n"
+            "from kernels import cpu_native\n"
             "logging.basicConfig(level=logging.WARNING)\n"
             "print(kernels.prepare(torch.device('cpu'), torch.float32))\n"
-            "assert not cpu_attention.available()\n"
+            "assert not cpu_native.available()\n"
             "q, kc = torch.randn(1, 2, 8), torch.randn(2, 4, 1, 8)\n"
             "out = kernels.paged_decode_attention(q, kc, kc, torch.tensor([[1]], dtype=torch.int32),\n"
             "                                     torch.tensor([3], dtype=torch.int32), 0.3)\n"
@@ -98,6 +98,67 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
     env.pop("LORAPLEX_KERNELS", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "torch decode attention (C kernel unavailable" in res.stdout
-    assert "C decode-attention kernel unavailable, using the torch path" in res.stderr
+    assert "torch (C kernels unavailable" in res.stdout
+    assert "C CPU kernels unavailable, using the torch paths" in res.stderr
     assert not list((tmp_path / "home" / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300], ids=lambda n: f"rows{n}")  # 300 x 576 crosses the threading cutoff
+def test_rms_norm_with_and_without_residual(rows):
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(rows, 576, generator=gen) * 3
+    w = torch.randn(576, generator=gen)
+    assert cpu_ops.ok_rms_norm(x, w, None)
+    out, h = cpu_ops.rms_norm(x, w, 1e-5)
+    ref_out, _ = ref_ops.rms_norm(x, w, 1e-5)
+    assert h is x
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    residual = torch.randn(rows, 576, generator=gen)
+    expected_h = residual + x
+    ref_out, _ = ref_ops.rms_norm(x, w, 1e-5, residual.clone())
+    out, h = cpu_ops.rms_norm(x, w, 1e-5, residual)
+    assert h is residual  # added in place
+    torch.testing.assert_close(h, expected_h, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_silu_and_mul():
+    gen = torch.Generator().manual_seed(15)
+    gu = torch.randn(40, 2 * 1536, generator=gen) * 4
+    assert cpu_ops.ok_silu_and_mul(gu)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gu), ref_ops.silu_and_mul(gu), atol=1e-5, rtol=1e-5)
+    assert not cpu_ops.ok_silu_and_mul(gu[:, :3071])  # odd width: no gate/up halves
+    # saturated gates, wide enough for the vectorised loop: exp(100) overflows, the result must not be NaN
+    gu = torch.tensor([-100.0, -89.0, -80.0, 0.0, 89.0, 100.0]).repeat(2, 64)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gu), ref_ops.silu_and_mul(gu), atol=1e-6, rtol=1e-5)
+
+
+def test_rotary_in_place_on_strided_heads():
+    """As the engine calls it: the q and k heads of a fused qkv row (v after them must stay untouched)."""
+    gen = torch.Generator().manual_seed(16)
+    t, hq, hkv, d = 5, 9, 3, 64
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen)
+    v_before = qkv[:, (hq + hkv) * d:].clone()
+    qk = qkv[:, :(hq + hkv) * d].reshape(t, hq + hkv, d)
+    angles = torch.rand(t, d // 2, generator=gen) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
+    expected = ref_ops.rotary(qk.clone(), cos, sin)
+    assert cpu_ops.ok_rotary(qk, cos, sin)
+    out = cpu_ops.rotary(qk, cos, sin)
+    assert out.data_ptr() == qk.data_ptr()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before)
+
+
+def test_dispatch_routes_element_wise_ops(monkeypatch):
+    x, w = torch.randn(4, 64), torch.randn(64)
+    calls = []
+    real = cpu_ops.rms_norm
+    monkeypatch.setattr(cpu_ops, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    kernels.rms_norm(x, w, 1e-6)
+    assert calls == [1]
+    kernels.rms_norm(x.double(), w.double(), 1e-6)  # not float32: the reference
+    kernels.rms_norm(x.reshape(4, 2, 32), w[:32], 1e-6)  # 3-D (Qwen3's per-head q/k norm): the reference
+    kernels.set_backend("torch")
+    kernels.rms_norm(x, w, 1e-6)
+    assert calls == [1]

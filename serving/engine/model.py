@@ -65,21 +65,17 @@ class PackedLinear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; given the residual stream too, it first adds x into it in place (one fused pass on the CPU)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x) without a residual; (norm(residual + x), residual + x) with one."""
+        out, h = kernels.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, h)
 
 
 class Attention(nn.Module):
@@ -108,7 +104,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
-        qk = qk * cos + rotate_half(qk) * sin
+        qk = kernels.rotary(qk, cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]
         # Write this step's KV into the paged cache, then attend over the cache.
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
@@ -145,8 +141,7 @@ class MLP(nn.Module):
         gu = self.gate_up_proj(x)
         if lora_apply is not None:
             lora_apply(self.layer_idx, "gate_up", x, gu)
-        gate, up = gu.split(self.intermediate, dim=-1)
-        h = F.silu(gate) * up
+        h = kernels.silu_and_mul(gu)
         y = self.down_proj(h)
         if lora_apply is not None:
             lora_apply(self.layer_idx, "down", h, y)
@@ -161,9 +156,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer_idx)
 
-    def forward(self, x, cos, sin, batch, k_cache, v_cache, lora_apply):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache, lora_apply)
-        return x + self.mlp(self.post_attention_layernorm(x), lora_apply)
+    def forward(self, x, residual, cos, sin, batch, k_cache, v_cache, lora_apply):
+        """(sublayer output, residual stream): the residual add is fused into the next norm (as vLLM does);
+        the first layer starts the stream (residual None)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, cos, sin, batch, k_cache, v_cache, lora_apply)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h, lora_apply), residual
 
 
 class CausalLM(nn.Module):
@@ -206,9 +208,11 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], lora_apply=None):
         """Returns logits [len(logits_indices), vocab] in float32."""
         x = self.embed_tokens(batch.input_ids)
-        cos = self.rope_cos[batch.positions].to(x.dtype)[:, None, :]
-        sin = self.rope_sin[batch.positions].to(x.dtype)[:, None, :]
+        cos = self.rope_cos[batch.positions].to(x.dtype)
+        sin = self.rope_sin[batch.positions].to(x.dtype)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, batch, k_cache, v_cache, lora_apply)
-        h = self.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, cos, sin, batch, k_cache, v_cache, lora_apply)
+        idx = batch.logits_indices
+        h, _ = self.norm(x[idx], residual[idx])
         return self.logits(h).float()

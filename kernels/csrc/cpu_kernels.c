@@ -1,14 +1,17 @@
-/* Paged decode attention for float32 on the CPU: one query token per sequence attends to its cached context,
+/* loraplex's C kernels for float32 on the CPU (built and loaded by kernels/cpu_native.py; torch references in
+ * kernels/ref_attention.py and kernels/ref_ops.py). All take a thread count and use OpenMP, which shares
+ * torch's thread pool (torch has already loaded the same libgomp). Compiled with -ffast-math (vectorised expf),
+ * linked without it (no process-wide flush-to-zero).
+ *
+ * Paged decode attention: one query token per sequence attends to its cached context,
  * reading the KV blocks in place (the torch path first gathers them into a padded copy, so it moves the bytes
  * three times; this moves them once). One online-softmax pass per sequence over its blocks, all query heads
  * together (a token's K/V row is read once for every head); the next block is prefetched while this one is
- * computed, since blocks lie anywhere in the cache. OpenMP over sequences shares torch's thread pool (torch has
- * already loaded the same libgomp).
+ * computed, since blocks lie anywhere in the cache.
  *
  * Layouts as kernels/ref_attention.py: q [S, Hq, D] (row stride q_stride, heads contiguous), caches
  * [NB, BS, Hkv, D] contiguous, block_tables [S, bt_stride] int32, seq_lens [S] int32, out [S, Hq, D] contiguous.
  * Compiled with -ffast-math (vectorised expf), linked without it (no process-wide flush-to-zero). */
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -37,7 +40,7 @@ void lp_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache,
                 qv[h][d] = src[d] * scale;
                 acc[h][d] = 0.f;
             }
-            m[h] = -FLT_MAX;
+            m[h] = -1e30f;  /* finite: under -ffast-math, -inf and its arithmetic are not safe */
             l[h] = 0.f;
         }
         for (int start = 0; start < len; start += BS) {
@@ -87,6 +90,59 @@ void lp_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache,
             float *dst = out + ((int64_t)s * Hq + h) * D;
             const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
             for (int d = 0; d < D; d++) dst[d] = acc[h][d] * inv;
+        }
+    }
+}
+
+/* RMSNorm over rows of H, optionally after adding delta into the residual stream in place (the decoder layer's
+ * "x = x + sublayer(x); h = norm(x)" in one pass): out = w * x / sqrt(mean(x^2) + eps). Rows may be strided. */
+void lp_add_rms_norm_f32(float *x, int64_t x_stride, const float *delta, int64_t delta_stride, const float *w,
+                         float *out, int64_t T, int64_t H, float eps, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * H > 32768)
+    for (int64_t t = 0; t < T; t++) {
+        float *xr = x + t * x_stride, *o = out + t * H;
+        if (delta) {
+            const float *dr = delta + t * delta_stride;
+#pragma omp simd
+            for (int64_t i = 0; i < H; i++) xr[i] += dr[i];
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; i++) ss += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(ss / (float)H + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) o[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* SwiGLU: out[t, i] = silu(gu[t, i]) * gu[t, I + i] for the fused gate/up projection's output. The exponent
+ * is capped: under -ffast-math the division becomes an approximate reciprocal, which gives NaN for 1/inf. */
+void lp_silu_mul_f32(const float *gu, float *out, int64_t T, int64_t I, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I > 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(fminf(-g[i], 80.f))) * u[i];
+    }
+}
+
+/* Rotary embedding in place (HF's rotate-half form) on nheads heads of D per row: x [T, row_stride] holding the
+ * heads first, cos/sin [T, D] (the table's rows for each token's position). */
+void lp_rope_f32(float *x, int64_t row_stride, const float *cos_t, const float *sin_t, int64_t T, int64_t nheads,
+                 int64_t D, int nthreads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * nheads * D > 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * D, *sn = sin_t + t * D;
+        for (int64_t h = 0; h < nheads; h++) {
+            float *x1 = x + t * row_stride + h * D, *x2 = x1 + half;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * sn[i];
+                x2[i] = b * c[half + i] + a * sn[half + i];
+            }
         }
     }
 }
