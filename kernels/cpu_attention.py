@@ -6,29 +6,20 @@ The torch path (kernels.ref_attention) gathers each sequence's blocks into a pad
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from kernels import cpu_native
 
-_limits: tuple[int, int, int] | None = None
-
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """float32 CPU tensors in the shared layouts, within the kernel's fixed buffer sizes, and the library built."""
-    global _limits
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2]):
         return False
     if not cpu_native.usable(q, k_cache, v_cache):
         return False
-    if _limits is None:
-        vals = [ctypes.c_int() for _ in range(3)]
-        cpu_native.lib().lp_limits(*[ctypes.byref(v) for v in vals])
-        _limits = tuple(v.value for v in vals)
-    max_heads, max_dim, max_block = _limits
+    lim = cpu_native.limits()
     hq, hkv, d, bs = q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1]
-    return hq % hkv == 0 and hq <= max_heads and d <= max_dim and bs <= max_block
+    return hq % hkv == 0 and hq <= lim["max_heads"] and d <= lim["max_dim"] and bs <= lim["max_block"]
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):

@@ -32,7 +32,8 @@ SIGNATURES = {
     "lp_add_rms_norm_f32": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _F, _I32],
     "lp_silu_mul_f32": [_P, _P, _I64, _I64, _I32],
     "lp_rope_f32": [_P, _I64, _P, _P, _I64, _I64, _I64, _I32],
-    "lp_limits": [_P, _P, _P],
+    "lp_lora_apply_f32": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
+    "lp_limits": [_P, _P, _P, _P],
 }
 _lib: ctypes.CDLL | None = None
 _path: Path | None = None
@@ -102,6 +103,19 @@ def usable(*tensors: torch.Tensor) -> bool:
 
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) \
         and requested_backend() == "auto" and available()
+
+
+_limits: dict[str, int] | None = None
+
+
+def limits() -> dict[str, int]:
+    """The C kernels' fixed buffer sizes: max_heads, max_dim, max_block (decode attention), max_rank (LoRA)."""
+    global _limits
+    if _limits is None:
+        vals = [ctypes.c_int() for _ in range(4)]
+        lib().lp_limits(*[ctypes.byref(v) for v in vals])
+        _limits = dict(zip(("max_heads", "max_dim", "max_block", "max_rank"), (v.value for v in vals)))
+    return _limits
 
 
 def threads() -> int:

@@ -3,7 +3,8 @@
 Backend choice, highest priority first: `set_backend(name)` (the engine's `kernels` config; "auto" defers), then
 the `LORAPLEX_KERNELS` environment variable (auto|torch|triton), then auto. Auto picks Triton when the tensors
 are on CUDA and triton imports, torch otherwise — except that on float32 CPU tensors auto runs the C kernels
-(decode attention, RMSNorm, SwiGLU, rotary; kernels.cpu_native) where they build; "torch" forces torch. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
+(decode attention, RMSNorm, SwiGLU, rotary, multi-LoRA for decode batches; kernels.cpu_native) where they
+build; "torch" forces torch. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
 before the first Triton kernel module is imported).
 """
 
@@ -162,7 +163,13 @@ def lora_expand(t, lora_b, token_lora, y):
 def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     """ys[i] += scale[slot] * lora_bs[i][slot] @ lora_as[i][slot] @ x[t] for every token t with a slot: shrink and
     expand for several modules that read the same input (q/k/v), in one call; returns ys."""
-    return _impl("lora", x.device).lora_apply(x, lora_as, lora_bs, token_lora, ys, scale)
+    impl = _impl("lora", x.device)
+    if impl.__name__ == "kernels.ref_lora" and requested_backend() == "auto":
+        from kernels import cpu_lora
+
+        if cpu_lora.ok(x, lora_as, lora_bs, token_lora, ys, scale):
+            return cpu_lora.lora_apply(x, lora_as, lora_bs, token_lora, ys)
+    return impl.lora_apply(x, lora_as, lora_bs, token_lora, ys, scale)
 
 
 def topk_scores(queries, keys, k, metric="ip"):

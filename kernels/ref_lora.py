@@ -21,6 +21,18 @@ def check_lora_args(x: torch.Tensor, weights: torch.Tensor, token_lora: torch.Te
         raise ValueError(f"{name}: token_lora must be [T={x.shape[0]}], got {tuple(token_lora.shape)}")
 
 
+def check_apply_args(x, lora_as, lora_bs, token_lora, ys) -> None:
+    if len(lora_as) != len(lora_bs) or len(lora_as) != len(ys):
+        raise ValueError("lora_apply: lora_as, lora_bs and ys must have one entry per module")
+    for a, b, y in zip(lora_as, lora_bs, ys):
+        check_lora_args(x, a, token_lora, "lora_apply")
+        if a.shape[2] != x.shape[1] or b.shape[:1] != a.shape[:1] or b.shape[2] != a.shape[1] \
+                or y.shape != (x.shape[0], b.shape[1]):
+            raise ValueError(f"lora_apply: x {tuple(x.shape)}, lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)} "
+                             f"and y {tuple(y.shape)} do not fit x [T, H_in], a [slots, r, H_in], "
+                             "b [slots, H_out, r], y [T, H_out]")
+
+
 def slot_scales(scale, num_slots: int, device) -> torch.Tensor:
     """A float or a [num_slots] tensor -> [num_slots] fp32 tensor."""
     if isinstance(scale, torch.Tensor):
@@ -85,7 +97,8 @@ def _shrink_rows(rows: torch.Tensor, lora_a: torch.Tensor, slot: int, scales: to
     return t if scales is None else t * scales[slot]
 
 
-def _plan(token_lora: torch.Tensor, num_slots: int) -> _Plan:
+def step_plan(token_lora: torch.Tensor, num_slots: int) -> _Plan:
+    """The step's token order for token_lora (built once per step, shared by every layer and module)."""
     return step_cache.cached("lora", (token_lora,), lambda: _Plan(token_lora, num_slots), (num_slots,))
 
 
@@ -96,7 +109,7 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0):
     num_slots, r = lora_a.shape[0], lora_a.shape[1]
     scales = slot_scales(scale, num_slots, x.device).to(x.dtype)
     t = torch.zeros(x.shape[0], r, dtype=x.dtype, device=x.device)
-    plan = _plan(token_lora, num_slots)
+    plan = step_plan(token_lora, num_slots)
     if plan.dense:
         xp = torch.zeros(num_slots * plan.max_n, x.shape[1], dtype=x.dtype, device=x.device)
         xp[plan.flat] = x[plan.idx]
@@ -114,7 +127,7 @@ def lora_expand(t, lora_b, token_lora, y):
         raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
                          "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
     num_slots = lora_b.shape[0]
-    plan = _plan(token_lora, num_slots)
+    plan = step_plan(token_lora, num_slots)
     if plan.dense:
         tp = torch.zeros(num_slots * plan.max_n, t.shape[1], dtype=t.dtype, device=t.device)
         tp[plan.flat] = t[plan.idx]
@@ -132,19 +145,11 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     Shrink and expand fused for all modules of one input (q/k/v, gate/up): tokens are put in slot order once,
     the rank-r intermediate never leaves that order, and each module ends in one index_add into its output.
     """
-    if len(lora_as) != len(lora_bs) or len(lora_as) != len(ys):
-        raise ValueError("lora_apply: lora_as, lora_bs and ys must have one entry per module")
-    for a, b, y in zip(lora_as, lora_bs, ys):
-        check_lora_args(x, a, token_lora, "lora_apply")
-        if a.shape[2] != x.shape[1] or b.shape[:1] != a.shape[:1] or b.shape[2] != a.shape[1] \
-                or y.shape != (x.shape[0], b.shape[1]):
-            raise ValueError(f"lora_apply: x {tuple(x.shape)}, lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)} "
-                             f"and y {tuple(y.shape)} do not fit x [T, H_in], a [slots, r, H_in], "
-                             "b [slots, H_out, r], y [T, H_out]")
+    check_apply_args(x, lora_as, lora_bs, token_lora, ys)
     if not lora_as:
         return ys
     num_slots = lora_as[0].shape[0]
-    plan = _plan(token_lora, num_slots)
+    plan = step_plan(token_lora, num_slots)
     if plan.max_n == 0:
         return ys
     scales = None  # a float scale of 1: the engine folds adapter scales into B

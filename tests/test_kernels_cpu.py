@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_attention, cpu_native, cpu_ops, dispatch, ref_attention, ref_ops
+from kernels import cpu_attention, cpu_lora, cpu_native, cpu_ops, dispatch, ref_attention, ref_lora, ref_ops
 from tests.test_kernels_attention import _paged_cache, _sdpa
 
 
@@ -162,3 +162,62 @@ def test_dispatch_routes_element_wise_ops(monkeypatch):
     kernels.set_backend("torch")
     kernels.rms_norm(x, w, 1e-6)
     assert calls == [1]
+
+
+def _lora_case(gen, token_slots, slots=8, r_max=16, r=12, h_in=96, outs=(96, 32, 32), rank_major=False):
+    """Stacked slot buffers sliced as the engine slices them (first r ranks; B rank-major as the engine keeps it
+    on the CPU, or out-major as on CUDA), outputs as column views of one fused projection output (q/k/v)."""
+    t = len(token_slots)
+    a_full = [torch.randn(slots, r_max, h_in, generator=gen) for _ in outs]
+    if rank_major:
+        b_sliced = [torch.randn(slots, r_max, o, generator=gen)[:, :r].transpose(1, 2) for o in outs]
+    else:
+        b_sliced = [torch.randn(slots, o, r_max, generator=gen)[:, :, :r] for o in outs]
+    x = torch.randn(t, h_in, generator=gen)
+    fused = torch.randn(t, sum(outs), generator=gen)
+    return x, [a[:, :r] for a in a_full], b_sliced, \
+        torch.tensor(token_slots, dtype=torch.int32), fused, _columns(fused, outs)
+
+
+def _columns(fused, outs):
+    cols = torch.tensor([0, *outs]).cumsum(0).tolist()
+    return [fused[:, cols[i]:cols[i + 1]] for i in range(len(outs))]
+
+
+@pytest.mark.parametrize("rank_major", [False, True], ids=["b-out-major", "b-rank-major"])
+def test_lora_apply_matches_reference_on_decode_batches(rank_major):
+    """Unordered slots, base tokens (-1), a slot with several tokens, ranks sliced below r_max."""
+    gen = torch.Generator().manual_seed(17)
+    token_slots = [3, -1, 0, 7, 3, 5, -1, 1, 2, 6, 4, 3]
+    x, a, b, tl, fused, ys = _lora_case(gen, token_slots, rank_major=rank_major)
+    expected = fused.clone()
+    ref_lora.lora_apply(x, a, b, tl, _columns(expected, [y.shape[1] for y in ys]))
+    assert cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    cpu_lora.lora_apply(x, a, b, tl, ys)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
+    before = _lora_case(torch.Generator().manual_seed(17), token_slots, rank_major=rank_major)[4]
+    assert torch.equal(fused[1], before[1]) and torch.equal(fused[6], before[6])  # base tokens untouched
+    assert not torch.allclose(fused[0], before[0])
+
+
+def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
+    gen = torch.Generator().manual_seed(18)
+    x, a, b, tl, fused, ys = _lora_case(gen, [0] * 10 + [1] * 6)  # two long runs (prefill): torch's GEMMs
+    assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3, 0, 2])
+    assert not cpu_lora.ok(x, a, b, tl, ys, 0.5)  # an unfolded scale: the reference handles it
+    calls = []
+    real = cpu_lora.lora_apply
+    monkeypatch.setattr(cpu_lora, "lora_apply", lambda *args: calls.append(1) or real(*args))
+    kernels.lora_apply(x, a, b, tl, ys)
+    assert calls == [1]
+    kernels.set_backend("torch")
+    kernels.lora_apply(x, a, b, tl, ys)
+    assert calls == [1]
+
+
+def test_lora_shape_errors_are_raised_on_the_c_path_too():
+    gen = torch.Generator().manual_seed(19)
+    x, a, b, tl, fused, ys = _lora_case(gen, [1, 0, 2])
+    with pytest.raises(ValueError, match="lora_apply"):
+        cpu_lora.lora_apply(x, a, b[:2], tl, ys)

@@ -166,7 +166,7 @@ def test_reference_dense_and_grouped_paths_match_per_token_loop(layout):
             want[i] += b[s] @ (a[s] @ x[i] * scale[s])
     got = ref_lora.lora_expand(ref_lora.lora_shrink(x, a, token_lora, scale), b, token_lora, y.clone())
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    plan = ref_lora._plan(token_lora, slots)
+    plan = ref_lora.step_plan(token_lora, slots)
     assert plan.dense == (layout != "one-slot-many-tokens")
 
 
@@ -213,7 +213,7 @@ def test_reference_lora_apply_matches_per_token_loop(layout):
     x, mods, token_lora, scale, fused, want, outs = _fused_case(layout)
     ys = _column_views(fused, outs)
     assert ref.lora_apply(x, [a for a, _ in mods], [b for _, b in mods], token_lora, ys, scale) is ys
-    plan = ref._plan(token_lora, 8)
+    plan = ref.step_plan(token_lora, 8)
     assert plan.in_order == (layout == "slot-sorted-decode")
     assert bool(plan.runs) == (layout in ("one-slot-many-tokens", "one-adapter-batch"))
     torch.testing.assert_close(fused, want, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,10 @@
 #define MAX_DIM 256
 #define MAX_BLOCK 64
 
-void lp_limits(int *max_heads, int *max_dim, int *max_block) {
+#define MAX_RANK 256
+
+void lp_limits(int *max_heads, int *max_dim, int *max_block, int *max_rank) {
+    *max_rank = MAX_RANK;
     *max_heads = MAX_HEADS;
     *max_dim = MAX_DIM;
     *max_block = MAX_BLOCK;
@@ -142,6 +145,52 @@ void lp_rope_f32(float *x, int64_t row_stride, const float *cos_t, const float *
                 const float a = x1[i], b = x2[i];
                 x1[i] = a * c[i] - b * sn[i];
                 x2[i] = b * c[half + i] + a * sn[half + i];
+            }
+        }
+    }
+}
+
+/* Multi-LoRA for decode-shaped batches: for every token t with a slot s >= 0 and each of M modules that read
+ * the same input x (q/k/v, or gate/up): y_m[t] += B_m[s] @ (A_m[s] @ x[t]), over the first r ranks. The adapter
+ * weights are read in place from the stacked slot buffers: A_m [slots, r, in] (slot stride a_ss[m], rows of in),
+ * B_m [slots, out_m, r] with slot stride b_ss[m], output stride b_os[m] and rank stride b_ks[m]: rank-major B
+ * (b_os 1) is expanded by streaming its rows, y += t[k] * B[:, k]; otherwise by a dot product per output.
+ * y_m rows of y_strides[m]. Work items are (token, module) pairs in token order, chunked statically so
+ * consecutive tokens of one slot (the scheduler orders decodes by slot) reuse the weights from cache. */
+void lp_lora_apply_f32(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t *token_slot, int M,
+                       const int64_t *a_ptrs, const int64_t *a_ss, const int64_t *b_ptrs, const int64_t *b_ss,
+                       const int64_t *b_os, const int64_t *b_ks, const int64_t *outs, const int64_t *y_ptrs,
+                       const int64_t *y_strides, int r, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t w = 0; w < T * M; w++) {
+        const int64_t t = w / M;
+        const int m = (int)(w % M), s = token_slot[t];
+        if (s < 0) continue;
+        const float *a = (const float *)a_ptrs[m] + s * a_ss[m], *b = (const float *)b_ptrs[m] + s * b_ss[m];
+        float tmp[MAX_RANK];
+        const float *xr = x + t * x_stride;
+        for (int k = 0; k < r; k++) {
+            const float *ar = a + k * in;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < in; i++) dot += ar[i] * xr[i];
+            tmp[k] = dot;
+        }
+        float *y = (float *)y_ptrs[m] + t * y_strides[m];
+        const int64_t out = outs[m], os = b_os[m], ks = b_ks[m];
+        if (os == 1) {
+            for (int k = 0; k < r; k++) {
+                const float *bk = b + k * ks, tk = tmp[k];
+#pragma omp simd
+                for (int64_t o = 0; o < out; o++) y[o] += tk * bk[o];
+            }
+        } else {
+            for (int64_t o = 0; o < out; o++) {
+                const float *bo = b + o * os;
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int k = 0; k < r; k++) dot += bo[k * ks] * tmp[k];
+                y[o] += dot;
             }
         }
     }

@@ -2,7 +2,7 @@
 
 Adapters live in three places: known (registered name -> source), a host-memory LRU cache of loaded weights
 (max_cpu_loras), and device slots (max_loras) stacked per module as A [layers, slots, r_max, in] and
-B [layers, slots, out, r_max]. A sequence takes a slot when the scheduler admits it and gives it back when it
+B [layers, slots, out, r_max] (rank-major [layers, slots, r_max, out] off Triton, see b_rank_major). A sequence takes a slot when the scheduler admits it and gives it back when it
 finishes or is preempted; a slot whose adapter has no running sequence is reused least-recently-used first.
 Per step, every token carries its slot (-1 for the base), and the delta  y += scale * B[slot] @ A[slot] @ x
 is added per target module through kernels.lora_apply (torch on CPU, Triton shrink/expand on CUDA), one call
@@ -157,6 +157,9 @@ class LoRAManager:
         self.slot_modules: list[set[str]] = [set() for _ in range(max_loras)]
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
+        # Off the Triton kernels (which read B out-major), B is stored rank-major [layers, slots, r_max, out] and
+        # passed as a transposed view: the CPU C kernel's expand then streams whole rows (y += t[k] * B^T[k]).
+        self.b_rank_major = kernels.backend_for(self.device) == "torch"
         self.lock = threading.Lock()  # guards info/cpu for readers outside the engine thread
         self.requests: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
@@ -209,14 +212,15 @@ class LoRAManager:
             return
         for m, (fin, fout) in self.shapes.items():
             self.a[m] = torch.zeros(self.layers, self.max_loras, self.max_rank, fin, dtype=self.dtype, device=self.device)
-            self.b[m] = torch.zeros(self.layers, self.max_loras, fout, self.max_rank, dtype=self.dtype, device=self.device)
+            shape = (self.max_rank, fout) if self.b_rank_major else (fout, self.max_rank)
+            self.b[m] = torch.zeros(self.layers, self.max_loras, *shape, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
     def _clear_slot(self, slot: int) -> None:
         r = self.slot_rank[slot]
         for m in self.slot_modules[slot]:
             self.a[m][:, slot, :r].zero_()
-            self.b[m][:, slot, :, :r].zero_()
+            (self.b[m][:, slot, :r] if self.b_rank_major else self.b[m][:, slot, :, :r]).zero_()
         name = self.slot_name[slot]
         if name in self.info:
             self.info[name].state = "cpu" if name in self.cpu else "disk"
@@ -246,7 +250,11 @@ class LoRAManager:
             w = self._weights(name)
             for m in w.target_modules:
                 self.a[m][:, slot, :w.rank].copy_(w.a[m])
-                self.b[m][:, slot, :, :w.rank].copy_(w.b[m] * w.scale)  # the scale folded into B once
+                b = w.b[m] * w.scale  # the scale folded into B once
+                if self.b_rank_major:
+                    self.b[m][:, slot, :w.rank].copy_(b.transpose(-1, -2))
+                else:
+                    self.b[m][:, slot, :, :w.rank].copy_(b)
             self.slot_name[slot], self.slot_rank[slot], self.slot_modules[slot] = name, w.rank, set(w.target_modules)
             self.info[name].state = "gpu"
         self.slot_refs[slot] += 1
@@ -278,11 +286,13 @@ class LoRAManager:
         modules = set().union(*(self.slot_modules[s] for s in active))
         present = {kind: [m for m in names if m in modules] for kind, names in KIND_MODULES.items()}
         cols = self.out_columns
+        bt = self.b_rank_major
 
         def apply(layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
             if present[kind]:
                 kernels.lora_apply(x, [self.a[m][layer, :n, :r] for m in present[kind]],
-                                   [self.b[m][layer, :n, :, :r] for m in present[kind]], token_lora,
+                                   [self.b[m][layer, :n, :r].transpose(1, 2) if bt else self.b[m][layer, :n, :, :r]
+                                    for m in present[kind]], token_lora,
                                    [y[:, cols[m]] for m in present[kind]])
 
         return apply

@@ -1,0 +1,46 @@
+"""Multi-LoRA shrink+expand in C for float32 on the CPU (lp_lora_apply_f32 in kernels/csrc/cpu_kernels.c).
+
+For decode-shaped batches (a few tokens per adapter slot) the torch path pads tokens into per-slot batched
+matmuls; the C kernel instead walks the tokens and reads each slot's A and B in place, once per token (from
+cache for a slot's later tokens). B may be [slots, out, r] with either axis contiguous (the engine keeps it
+rank-major on the CPU). Batches of long same-adapter runs (prefill, one adapter for everything) stay
+on the torch path, whose plain GEMMs are faster there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels import cpu_native, ref_lora
+
+
+def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
+    """Whether this call takes the C path: float32 CPU, unit scale (the engine folds scales into B), layouts the
+    kernel reads, and a batch that is not a few long same-slot runs."""
+    if isinstance(scale, torch.Tensor) or scale != 1.0 or not lora_as or x.stride(1) != 1:
+        return False
+    if any(a.stride(2) != 1 or a.stride(1) != a.shape[2] or 1 not in b.stride()[1:] or y.stride(1) != 1
+           for a, b, y in zip(lora_as, lora_bs, ys)):
+        return False
+    if lora_as[0].shape[1] > 256 or not cpu_native.usable(x, *lora_as, *lora_bs, *ys):
+        return False
+    plan = ref_lora.step_plan(token_lora, lora_as[0].shape[0])
+    return plan.runs is None and plan.max_n > 0 and lora_as[0].shape[1] <= cpu_native.limits()["max_rank"]
+
+
+def lora_apply(x, lora_as, lora_bs, token_lora, ys):
+    """As kernels.ref_lora.lora_apply with scale 1; callers check ok() first."""
+    ref_lora.check_apply_args(x, lora_as, lora_bs, token_lora, ys)
+    slots = token_lora if token_lora.dtype == torch.int32 and token_lora.is_contiguous() \
+        else token_lora.to(torch.int32).contiguous()
+    m = len(lora_as)
+    arr = lambda vals: (ctypes.c_int64 * m)(*vals)  # noqa: E731
+    cpu_native.lib().lp_lora_apply_f32(
+        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], slots.data_ptr(), m,
+        arr([a.data_ptr() for a in lora_as]), arr([a.stride(0) for a in lora_as]),
+        arr([b.data_ptr() for b in lora_bs]), arr([b.stride(0) for b in lora_bs]),
+        arr([b.stride(1) for b in lora_bs]), arr([b.stride(2) for b in lora_bs]), arr([b.shape[1] for b in lora_bs]),
+        arr([y.data_ptr() for y in ys]), arr([y.stride(0) for y in ys]), lora_as[0].shape[1], cpu_native.threads())
+    return ys
