@@ -101,8 +101,8 @@ def usable(*tensors: torch.Tensor) -> bool:
     """float32 CPU tensors, auto dispatch (not forced to torch), and the library builds here."""
     from kernels.dispatch import requested_backend
 
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) \
-        and requested_backend() == "auto" and available()
+    f32 = torch.float32
+    return all(t.dtype is f32 and t.is_cpu for t in tensors) and requested_backend() == "auto" and available()
 
 
 _limits: dict[str, int] | None = None

@@ -160,6 +160,7 @@ class LoRAManager:
         # Off the Triton kernels (which read B out-major), B is stored rank-major [layers, slots, r_max, out] and
         # passed as a transposed view: the CPU C kernel's expand then streams whole rows (y += t[k] * B^T[k]).
         self.b_rank_major = kernels.backend_for(self.device) == "torch"
+        self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.lock = threading.Lock()  # guards info/cpu for readers outside the engine thread
         self.requests: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
@@ -284,15 +285,26 @@ class LoRAManager:
         r = max(self.slot_rank[s] for s in active)
         n = max(active) + 1  # slots past the highest active one hold nothing this step needs
         modules = set().union(*(self.slot_modules[s] for s in active))
-        present = {kind: [m for m in names if m in modules] for kind, names in KIND_MODULES.items()}
+        present = {kind: tuple(m for m in names if m in modules) for kind, names in KIND_MODULES.items()}
         cols = self.out_columns
-        bt = self.b_rank_major
 
         def apply(layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
             if present[kind]:
-                kernels.lora_apply(x, [self.a[m][layer, :n, :r] for m in present[kind]],
-                                   [self.b[m][layer, :n, :r].transpose(1, 2) if bt else self.b[m][layer, :n, :, :r]
-                                    for m in present[kind]], token_lora,
-                                   [y[:, cols[m]] for m in present[kind]])
+                lora_as, lora_bs = self._slot_views(layer, present[kind], n, r)
+                kernels.lora_apply(x, lora_as, lora_bs, token_lora, [y[:, cols[m]] for m in present[kind]])
 
         return apply
+
+    def _slot_views(self, layer: int, modules: tuple[str, ...], n: int, r: int):
+        """The A and B views of slots :n and ranks :r for a layer's modules, kept across steps (views of the slot
+        buffers stay valid when slots are refilled in place; making them anew cost ~3% of a decode step)."""
+        key = (layer, modules, n, r)
+        views = self._views.get(key)
+        if views is None:
+            bt = self.b_rank_major
+            views = ([self.a[m][layer, :n, :r] for m in modules],
+                     [self.b[m][layer, :n, :r].transpose(1, 2) if bt else self.b[m][layer, :n, :, :r] for m in modules])
+            if len(self._views) > 4096:  # (n, r) rarely change; bound it anyway
+                self._views.clear()
+            self._views[key] = views
+        return views
