@@ -31,7 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from benchmarks.common import emit, machine  # noqa: E402
-from kernels import ref_attention, ref_lora, ref_topk  # noqa: E402
+from kernels import cpu_attention, cpu_native, ref_attention, ref_lora, ref_topk  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -140,11 +140,14 @@ def topk_case(a, device, dtype):
 
 # ---------------------------------------------------------------- runners
 
-def impls(kind, triton_mod):
-    """name -> callable(inputs) for each implementation of `kind` (triton only where it may be timed)."""
+def impls(kind, triton_mod, device, dtype):
+    """name -> callable(inputs) for each implementation of `kind` (triton only where it may be timed; the CPU's
+    C decode kernel for float32 CPU tensors where it builds)."""
     out = {}
     if kind == "decode":
         out["torch-ref"] = lambda i: ref_attention.paged_decode_attention(*i)
+        if device.type == "cpu" and dtype == torch.float32 and cpu_native.available():
+            out["c-cpu"] = lambda i: cpu_attention.paged_decode_attention(*i)
         if triton_mod:
             out["triton"] = lambda i: triton_mod.paged_decode_attention(*i)
     elif kind == "prefill":
@@ -265,7 +268,7 @@ def main(argv=None) -> int:
     for kind in only:
         console.log(f"[bold]{kind}[/]: building inputs")
         inputs, moved, flops = globals()[f"{kind}_case"](a, device, dtype)
-        runners = impls(kind, triton_mods.get(kind) if on_gpu else None)
+        runners = impls(kind, triton_mods.get(kind) if on_gpu else None, device, dtype)
         figures[kind] = {"bytes": moved}
         for name, fn in runners.items():
             if fn == "faiss":

@@ -44,12 +44,14 @@ def test_bench_refuses_bad_arguments(args, needle):
     assert r.returncode == 2 and needle in r.stderr
 
 
-def test_prepare_reports_the_model_folders():
+def test_prepare_reports_the_model_folders_and_builds_the_cpu_kernels():
+    from kernels import cpu_native
     from serving.models import embedding_model_path, prepare_default_model
 
     r = run("prepare")
     assert r.returncode == 0, r.stderr
     assert str(prepare_default_model()) in r.stdout and str(embedding_model_path()) in r.stdout
+    assert f"CPU kernels: {cpu_native.status()}" in r.stdout  # the same compiled library this process loads
 
 
 @pytest.mark.slow
