@@ -64,17 +64,21 @@ def main(argv=None):
     add_workload_args(ap)
     ap.add_argument("--adapters", default="0,1,8,32")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="adapter slots' dtype (the engine's lora_dtype); auto: the model's")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds over the adapter counts; best kept")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.adapters.split(",")]
 
     from serving.engine import SamplingParams
 
-    engine = workload_engine(args, max_num_batched_tokens=2048, max_loras=max(counts + [1]), max_lora_rank=args.rank)
+    engine = workload_engine(args, max_num_batched_tokens=2048, max_loras=max(counts + [1]), max_lora_rank=args.rank,
+                             lora_dtype=args.lora_dtype)
     prompt_ids = [engine.tokenizer(p)["input_ids"] for p in workload_prompts(args.requests)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     results = {"machine": machine(), "model": args.model, "load_format": args.load_format, "dtype": str(engine.dtype),
-               "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank, "repeat": args.repeat}
+               "requests": args.requests, "max_tokens": args.max_tokens, "rank": args.rank, "repeat": args.repeat,
+               "lora_dtype": args.lora_dtype}
     with tempfile.TemporaryDirectory() as tmp:
         with console.status("writing adapters"):
             paths = write_adapters(engine.model_path, max(counts), args.rank, tmp, engine.device)

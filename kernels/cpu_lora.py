@@ -15,16 +15,22 @@ import torch
 
 from kernels import cpu_native, ref_lora
 
+_KERNELS = {torch.float32: "lp_lora_apply_f32", torch.bfloat16: "lp_lora_apply_bf16w"}
+
 
 def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
-    """Whether this call takes the C path: float32 CPU, unit scale (the engine folds scales into B), layouts the
-    kernel reads, and a batch that is not a few long same-slot runs."""
+    """Whether this call takes the C path: float32 CPU activations, float32 or bfloat16 weights (the engine's
+    lora_dtype), unit scale (the engine folds scales into B), layouts the kernel reads, and a batch that is not a
+    few long same-slot runs."""
     if isinstance(scale, torch.Tensor) or scale != 1.0 or not lora_as or x.stride(1) != 1:
+        return False
+    wdtype = lora_as[0].dtype
+    if wdtype not in _KERNELS or any(w.dtype is not wdtype or not w.is_cpu for w in (*lora_as, *lora_bs)):
         return False
     if any(a.stride(2) != 1 or a.stride(1) != a.shape[2] or 1 not in b.stride()[1:] or y.stride(1) != 1
            for a, b, y in zip(lora_as, lora_bs, ys)):
         return False
-    if lora_as[0].shape[1] > 256 or not cpu_native.usable(x, *lora_as, *lora_bs, *ys):
+    if lora_as[0].shape[1] > 256 or not cpu_native.usable(x, *ys):
         return False
     plan = ref_lora.step_plan(token_lora, lora_as[0].shape[0])
     return plan.runs is None and plan.max_n > 0 and lora_as[0].shape[1] <= cpu_native.limits()["max_rank"]
@@ -37,7 +43,7 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys):
         else token_lora.to(torch.int32).contiguous()
     m = len(lora_as)
     arr = lambda vals: (ctypes.c_int64 * m)(*vals)  # noqa: E731
-    cpu_native.lib().lp_lora_apply_f32(
+    getattr(cpu_native.lib(), _KERNELS[lora_as[0].dtype])(
         x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], slots.data_ptr(), m,
         arr([a.data_ptr() for a in lora_as]), arr([a.stride(0) for a in lora_as]),
         arr([b.data_ptr() for b in lora_bs]), arr([b.stride(0) for b in lora_bs]),

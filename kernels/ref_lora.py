@@ -148,6 +148,8 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     check_apply_args(x, lora_as, lora_bs, token_lora, ys)
     if not lora_as:
         return ys
+    if lora_as[0].dtype != x.dtype:  # adapters stored in a lower precision (lora_dtype): compute in x's dtype
+        lora_as, lora_bs = [a.to(x.dtype) for a in lora_as], [b.to(x.dtype) for b in lora_bs]
     num_slots = lora_as[0].shape[0]
     plan = step_plan(token_lora, num_slots)
     if plan.max_n == 0:

@@ -77,6 +77,9 @@ class ModelSpec(_Strict):
     seed: int = 0
     max_loras: int = Field(8, ge=0)
     max_lora_rank: int = Field(64, gt=0)
+    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="adapter weights' dtype in the slots: auto = the model's; bfloat16 halves the bytes "
+                            "every decode step reads for adapters (CPU; on CUDA it must equal dtype)")
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
@@ -123,6 +126,7 @@ class ModelSpec(_Strict):
             seed=self.seed,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
+            lora_dtype=self.lora_dtype,
         )
 
 

@@ -200,6 +200,19 @@ def test_lora_apply_matches_reference_on_decode_batches(rank_major):
     assert not torch.allclose(fused[0], before[0])
 
 
+def test_lora_apply_with_bfloat16_weights_matches_reference():
+    """lora_dtype bfloat16: the C kernel widens the stored bf16 weights; the reference upcasts them first."""
+    gen = torch.Generator().manual_seed(20)
+    x, a, b, tl, fused, ys = _lora_case(gen, [3, -1, 0, 3, 5, 1], rank_major=True)
+    a16, b16 = [t.bfloat16() for t in a], [t.bfloat16() for t in b]
+    b16 = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in b16]  # keep B rank-major, as the engine does
+    expected = fused.clone()
+    ref_lora.lora_apply(x, a16, b16, tl, _columns(expected, [y.shape[1] for y in ys]))
+    assert cpu_lora.ok(x, a16, b16, tl, ys, 1.0)
+    cpu_lora.lora_apply(x, a16, b16, tl, ys)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
     gen = torch.Generator().manual_seed(18)
     x, a, b, tl, fused, ys = _lora_case(gen, [0] * 10 + [1] * 6)  # two long runs (prefill): torch's GEMMs

@@ -156,42 +156,55 @@ void lp_rope_f32(float *x, int64_t row_stride, const float *cos_t, const float *
  * B_m [slots, out_m, r] with slot stride b_ss[m], output stride b_os[m] and rank stride b_ks[m]: rank-major B
  * (b_os 1) is expanded by streaming its rows, y += t[k] * B[:, k]; otherwise by a dot product per output.
  * y_m rows of y_strides[m]. Work items are (token, module) pairs in token order, chunked statically so
- * consecutive tokens of one slot (the scheduler orders decodes by slot) reuse the weights from cache. */
-void lp_lora_apply_f32(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t *token_slot, int M,
-                       const int64_t *a_ptrs, const int64_t *a_ss, const int64_t *b_ptrs, const int64_t *b_ss,
-                       const int64_t *b_os, const int64_t *b_ks, const int64_t *outs, const int64_t *y_ptrs,
-                       const int64_t *y_strides, int r, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t w = 0; w < T * M; w++) {
-        const int64_t t = w / M;
-        const int m = (int)(w % M), s = token_slot[t];
-        if (s < 0) continue;
-        const float *a = (const float *)a_ptrs[m] + s * a_ss[m], *b = (const float *)b_ptrs[m] + s * b_ss[m];
-        float tmp[MAX_RANK];
-        const float *xr = x + t * x_stride;
-        for (int k = 0; k < r; k++) {
-            const float *ar = a + k * in;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < in; i++) dot += ar[i] * xr[i];
-            tmp[k] = dot;
-        }
-        float *y = (float *)y_ptrs[m] + t * y_strides[m];
-        const int64_t out = outs[m], os = b_os[m], ks = b_ks[m];
-        if (os == 1) {
-            for (int k = 0; k < r; k++) {
-                const float *bk = b + k * ks, tk = tmp[k];
-#pragma omp simd
-                for (int64_t o = 0; o < out; o++) y[o] += tk * bk[o];
-            }
-        } else {
-            for (int64_t o = 0; o < out; o++) {
-                const float *bo = b + o * os;
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int k = 0; k < r; k++) dot += bo[k * ks] * tmp[k];
-                y[o] += dot;
-            }
-        }
-    }
+ * consecutive tokens of one slot (the scheduler orders decodes by slot) reuse the weights from cache.
+ * Weights are float32 (lp_lora_apply_f32) or bfloat16 (lp_lora_apply_bf16w: the engine's lora_dtype, half the
+ * bytes; widened to float32 as they are read, all arithmetic in float32). */
+static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
+static inline float ld_bf16(const uint16_t *p, int64_t i) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)p[i] << 16};
+    return v.f;
 }
+
+#define LORA_APPLY(NAME, WT, LD)                                                                                  \
+void NAME(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t *token_slot, int M,              \
+          const int64_t *a_ptrs, const int64_t *a_ss, const int64_t *b_ptrs, const int64_t *b_ss,                \
+          const int64_t *b_os, const int64_t *b_ks, const int64_t *outs, const int64_t *y_ptrs,                  \
+          const int64_t *y_strides, int r, int nthreads) {                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                           \
+    for (int64_t w = 0; w < T * M; w++) {                                                                         \
+        const int64_t t = w / M;                                                                                  \
+        const int m = (int)(w % M), s = token_slot[t];                                                            \
+        if (s < 0) continue;                                                                                      \
+        const WT *a = (const WT *)a_ptrs[m] + s * a_ss[m], *b = (const WT *)b_ptrs[m] + s * b_ss[m];              \
+        float tmp[MAX_RANK];                                                                                      \
+        const float *xr = x + t * x_stride;                                                                       \
+        for (int k = 0; k < r; k++) {                                                                             \
+            const WT *ar = a + k * in;                                                                            \
+            float dot = 0.f;                                                                                      \
+            _Pragma("omp simd reduction(+ : dot)")                                                                \
+            for (int64_t i = 0; i < in; i++) dot += LD(ar, i) * xr[i];                                            \
+            tmp[k] = dot;                                                                                         \
+        }                                                                                                         \
+        float *y = (float *)y_ptrs[m] + t * y_strides[m];                                                         \
+        const int64_t out = outs[m], os = b_os[m], ks = b_ks[m];                                                  \
+        if (os == 1) {                                                                                            \
+            for (int k = 0; k < r; k++) {                                                                         \
+                const WT *bk = b + k * ks;                                                                        \
+                const float tk = tmp[k];                                                                          \
+                _Pragma("omp simd")                                                                               \
+                for (int64_t o = 0; o < out; o++) y[o] += tk * LD(bk, o);                                         \
+            }                                                                                                     \
+        } else {                                                                                                  \
+            for (int64_t o = 0; o < out; o++) {                                                                   \
+                const WT *bo = b + o * os;                                                                        \
+                float dot = 0.f;                                                                                  \
+                _Pragma("omp simd reduction(+ : dot)")                                                            \
+                for (int k = 0; k < r; k++) dot += LD(bo, k * ks) * tmp[k];                                       \
+                y[o] += dot;                                                                                      \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+}
+
+LORA_APPLY(lp_lora_apply_f32, float, ld_f32)
+LORA_APPLY(lp_lora_apply_bf16w, uint16_t, ld_bf16)

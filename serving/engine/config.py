@@ -42,6 +42,7 @@ class EngineConfig:
     max_loras: int = 8  # adapters resident in device slots at once
     max_lora_rank: int = 64
     max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
+    lora_dtype: str = "auto"  # adapter slots' dtype: auto (the model's), float32, bfloat16, float16 (vLLM's lora_dtype)
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton
 
     def __post_init__(self):
@@ -49,8 +50,9 @@ class EngineConfig:
             raise ModelLoadError(f"block_size must be a power of two, got {self.block_size}")
         if self.load_format not in ("auto", "dummy"):
             raise ModelLoadError(f"load_format must be auto or dummy, got {self.load_format!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ModelLoadError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for key in ("dtype", "lora_dtype"):
+            if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
+                raise ModelLoadError(f"{key} must be auto, float32, bfloat16 or float16, got {getattr(self, key)!r}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ModelLoadError("max_num_seqs and max_num_batched_tokens must be positive")
         self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)

@@ -88,7 +88,12 @@ class LLMEngine:
             from serving.engine.lora import LoRAManager
 
             names = {config.name, config.model, Path(self.model_path).name}
-            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, names)
+            lora_dtype = DTYPES.get(config.lora_dtype, dtype)
+            if lora_dtype != dtype and kernels.backend_for(self.device) == "triton":
+                raise ModelLoadError(f"lora_dtype {config.lora_dtype} differs from the model's {dtype}: the Triton "
+                                     "LoRA kernels need them equal (use lora_dtype: auto)")
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, names,
+                                    lora_dtype)
             self.scheduler.lora = self.lora
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0

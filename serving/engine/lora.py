@@ -134,7 +134,8 @@ def load_peft_adapter(name: str, folder: str | Path, model, max_rank: int, base_
 
 
 class LoRAManager:
-    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int, base_names: set[str]):
+    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int, base_names: set[str],
+                 dtype: torch.dtype | None = None):
         self.model = model
         self.max_loras, self.max_rank, self.max_cpu = max_loras, max_rank, max_cpu_loras
         self.base_names = base_names
@@ -147,7 +148,7 @@ class LoRAManager:
                 offset += self.shapes[m][1]
         self.layers = len(model.layers)
         p = next(model.parameters())
-        self.dtype, self.device = p.dtype, p.device
+        self.dtype, self.device = dtype or p.dtype, p.device  # the slots' dtype (lora_dtype), else the model's
         self.info: dict[str, AdapterInfo] = {}
         self.cpu: OrderedDict[str, LoRAWeights] = OrderedDict()
         self.slot_name: list[str | None] = [None] * max_loras
