@@ -16,12 +16,13 @@ import torch
 from kernels import cpu_native, ref_lora
 
 _KERNELS = {torch.float32: "lp_lora_apply_f32", torch.bfloat16: "lp_lora_apply_bf16w"}
+MAX_C_RUN = 32  # longest same-slot run of tokens the C kernel takes from torch's GEMMs when weights are bf16
 
 
 def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
     """Whether this call takes the C path: float32 CPU activations, float32 or bfloat16 weights (the engine's
     lora_dtype), unit scale (the engine folds scales into B), layouts the kernel reads, and a batch that is not a
-    few long same-slot runs."""
+    few long same-slot runs (prefill chunks; one adapter for a whole float32 batch)."""
     if isinstance(scale, torch.Tensor) or scale != 1.0 or not lora_as or x.stride(1) != 1:
         return False
     wdtype = lora_as[0].dtype
@@ -33,7 +34,12 @@ def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
     if lora_as[0].shape[1] > 256 or not cpu_native.usable(x, *ys):
         return False
     plan = ref_lora.step_plan(token_lora, lora_as[0].shape[0])
-    return plan.runs is None and plan.max_n > 0 and lora_as[0].shape[1] <= cpu_native.limits()["max_rank"]
+    if plan.max_n == 0 or lora_as[0].shape[1] > cpu_native.limits()["max_rank"]:
+        return False
+    if plan.runs is None:
+        return True
+    # a few same-slot runs: torch's GEMMs, except short (decode) runs on bf16 weights, which torch would upcast
+    return wdtype is not x.dtype and max(end - start for _, start, end in plan.runs) <= MAX_C_RUN
 
 
 def lora_apply(x, lora_as, lora_bs, token_lora, ys):

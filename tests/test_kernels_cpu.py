@@ -217,6 +217,10 @@ def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
     gen = torch.Generator().manual_seed(18)
     x, a, b, tl, fused, ys = _lora_case(gen, [0] * 10 + [1] * 6)  # two long runs (prefill): torch's GEMMs
     assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    # one adapter for a short decode batch: float32 weights go to torch's GEMMs, bf16 ones to C (no upcast)
+    x, a, b, tl, fused, ys = _lora_case(gen, [4] * 8)
+    assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    assert cpu_lora.ok(x, [t.bfloat16() for t in a], [t.bfloat16() for t in b], tl, ys, 1.0)
     x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3, 0, 2])
     assert not cpu_lora.ok(x, a, b, tl, ys, 0.5)  # an unfolded scale: the reference handles it
     calls = []
