@@ -1,9 +1,9 @@
 """loraplex's kernels: paged attention, multi-LoRA shrink/expand and top-k retrieval scoring.
 
-Each kernel has a vectorised torch reference (`ref_*`, also the CPU production path) and a Triton version
-(`triton_*`, imported lazily on first CUDA use); the decoder's element-wise ops have torch references in `ref_ops`; on the CPU,
-decode attention and those ops also run as C (`cpu_attention`, `cpu_ops`, built by `cpu_native` on first use);
-`kernels.dispatch` picks one per call (see its docstring).
+Each kernel has a vectorised torch reference (`ref_*`) and a Triton version (`triton_*`, imported lazily on
+first CUDA use); the decoder's element-wise ops have torch references in `ref_ops`. On float32 CPU tensors,
+decode attention, multi-LoRA and those ops also run as C (`cpu_attention`, `cpu_lora`, `cpu_ops`, built by
+`cpu_native` on first use); `kernels.dispatch` picks one per call (see its docstring).
 """
 
 from kernels.dispatch import (

@@ -13,7 +13,8 @@ def _rows(t: torch.Tensor) -> bool:
 
 
 def ok_rms_norm(x, weight, residual) -> bool:
-    return _rows(x) and weight.is_contiguous() and (residual is None or (_rows(residual) and residual.shape == x.shape)) \
+    same = residual is None or (_rows(residual) and residual.shape == x.shape)
+    return _rows(x) and weight.is_contiguous() and same \
         and cpu_native.usable(x, weight, *([] if residual is None else [residual]))
 
 

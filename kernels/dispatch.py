@@ -1,4 +1,4 @@
-"""Kernel dispatch: Triton on CUDA, the torch references elsewhere.
+"""Kernel dispatch: Triton on CUDA, C on float32 CPU tensors where it builds, the torch references elsewhere.
 
 Backend choice, highest priority first: `set_backend(name)` (the engine's `kernels` config; "auto" defers), then
 the `LORAPLEX_KERNELS` environment variable (auto|torch|triton), then auto. Auto picks Triton when the tensors

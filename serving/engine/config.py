@@ -43,7 +43,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
     lora_dtype: str = "auto"  # adapter slots' dtype: auto (the model's), float32, bfloat16, float16 (vLLM's lora_dtype)
-    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton
+    kernels: str = "auto"  # auto (Triton on CUDA, C kernels on fp32 CPU, else torch), torch, triton
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -2,10 +2,11 @@
 
 Adapters live in three places: known (registered name -> source), a host-memory LRU cache of loaded weights
 (max_cpu_loras), and device slots (max_loras) stacked per module as A [layers, slots, r_max, in] and
-B [layers, slots, out, r_max] (rank-major [layers, slots, r_max, out] off Triton, see b_rank_major). A sequence takes a slot when the scheduler admits it and gives it back when it
-finishes or is preempted; a slot whose adapter has no running sequence is reused least-recently-used first.
+B [layers, slots, out, r_max] (rank-major [layers, slots, r_max, out] off Triton, see b_rank_major), in
+lora_dtype. A sequence takes a slot when the scheduler admits it and gives it back when it finishes or is
+preempted; a slot whose adapter has no running sequence is reused least-recently-used first.
 Per step, every token carries its slot (-1 for the base), and the delta  y += scale * B[slot] @ A[slot] @ x
-is added per target module through kernels.lora_apply (torch on CPU, Triton shrink/expand on CUDA), one call
+is added per target module through kernels.lora_apply (C or torch on the CPU, Triton on CUDA), one call
 for the modules sharing an input (q/k/v, gate/up). The scale is folded into B when a slot is filled.
 Ranks below r_max are zero-padded; a step only computes up to the largest rank among its active slots, and
 only over slots up to the highest active one (slots are filled lowest first).
@@ -213,9 +214,10 @@ class LoRAManager:
         if self.a:
             return
         for m, (fin, fout) in self.shapes.items():
-            self.a[m] = torch.zeros(self.layers, self.max_loras, self.max_rank, fin, dtype=self.dtype, device=self.device)
+            like = dict(dtype=self.dtype, device=self.device)
+            self.a[m] = torch.zeros(self.layers, self.max_loras, self.max_rank, fin, **like)
             shape = (self.max_rank, fout) if self.b_rank_major else (fout, self.max_rank)
-            self.b[m] = torch.zeros(self.layers, self.max_loras, *shape, dtype=self.dtype, device=self.device)
+            self.b[m] = torch.zeros(self.layers, self.max_loras, *shape, **like)
 
     @torch.inference_mode()
     def _clear_slot(self, slot: int) -> None:
