@@ -78,7 +78,7 @@ class LLMEngine:
         shape = (num_blocks, config.block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.model.layers]
-        log.info("attention: %s", kernels.prepare(self.device, dtype))
+        log.info("kernels: %s", kernels.prepare(self.device, dtype))
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
