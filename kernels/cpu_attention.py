@@ -8,18 +8,35 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_native
+from kernels import cpu_native, step_cache
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """float32 CPU tensors in the shared layouts, within the kernel's fixed buffer sizes, and the library built."""
+def supports(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
+    """float32 CPU tensors in the shared layouts, within the kernel's fixed buffer sizes, block ids in range (once
+    per step), and the library built."""
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2]):
         return False
     if not cpu_native.usable(q, k_cache, v_cache):
         return False
     lim = cpu_native.limits()
     hq, hkv, d, bs = q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1]
-    return hq % hkv == 0 and hq <= lim["max_heads"] and d <= lim["max_dim"] and bs <= lim["max_block"]
+    if not (hq % hkv == 0 and hq <= lim["max_heads"] and d <= lim["max_dim"] and bs <= lim["max_block"]):
+        return False
+    return step_cache.cached("cpu_decode_tables", (block_tables, seq_lens),
+                             lambda: _tables_in_range(block_tables, seq_lens, k_cache.shape[0], bs),
+                             (k_cache.shape[0], bs))
+
+
+def _tables_in_range(block_tables, seq_lens, num_blocks: int, block_size: int) -> bool:
+    """The C kernel reads without bounds checks: every block it will read must exist (torch would raise)."""
+    if seq_lens.numel() == 0:
+        return True
+    nblocks = (seq_lens.long() + block_size - 1) // block_size
+    if int(nblocks.max()) > block_tables.shape[1] or int(seq_lens.min()) < 0:
+        return False
+    used = torch.arange(block_tables.shape[1])[None, :] < nblocks[:, None]
+    ids = block_tables[used]
+    return ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < num_blocks)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):

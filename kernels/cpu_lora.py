@@ -1,4 +1,5 @@
-"""Multi-LoRA shrink+expand in C for float32 on the CPU (lp_lora_apply_f32 in kernels/csrc/cpu_kernels.c).
+"""Multi-LoRA shrink+expand in C on the CPU: float32 activations, float32 or bfloat16 adapter weights
+(lp_lora_apply_f32 / lp_lora_apply_bf16w in kernels/csrc/cpu_kernels.c).
 
 For decode-shaped batches (a few tokens per adapter slot) the torch path pads tokens into per-slot batched
 matmuls; the C kernel instead walks the tokens and reads each slot's A and B in place, once per token (from
@@ -31,10 +32,10 @@ def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
     if any(a.stride(2) != 1 or a.stride(1) != a.shape[2] or 1 not in b.stride()[1:] or y.stride(1) != 1
            for a, b, y in zip(lora_as, lora_bs, ys)):
         return False
-    if lora_as[0].shape[1] > 256 or not cpu_native.usable(x, *ys):
+    if not cpu_native.usable(x, *ys) or lora_as[0].shape[1] > cpu_native.limits()["max_rank"]:
         return False
     plan = ref_lora.step_plan(token_lora, lora_as[0].shape[0])
-    if plan.max_n == 0 or lora_as[0].shape[1] > cpu_native.limits()["max_rank"]:
+    if plan.max_n == 0 or plan.max_slot >= lora_as[0].shape[0]:  # out-of-range slots: torch raises for them
         return False
     if plan.runs is None:
         return True

@@ -108,7 +108,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, m
     if impl.__name__ == "kernels.ref_attention" and requested_backend() == "auto":
         from kernels import cpu_attention
 
-        if cpu_attention.supports(q, k_cache, v_cache):
+        if cpu_attention.supports(q, k_cache, v_cache, block_tables, seq_lens):
             impl = cpu_attention
     extra = _hint(max_seq_len=max_seq_len) if impl.__name__ == "kernels.triton_attention" else {}
     return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, **extra)

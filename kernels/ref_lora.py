@@ -70,6 +70,7 @@ class _Plan:
         self.idx, slots = idx[order], slots[order]
         counts = torch.bincount(slots, minlength=num_slots)
         self.max_n = int(counts.max()) if len(slots) else 0
+        self.max_slot = int(slots[-1]) if len(slots) else -1  # slots are sorted: the C path checks it is in range
         self.dense = 0 < num_slots * self.max_n <= 2 * len(slots) + num_slots
         self.unpadded = num_slots * self.max_n == len(slots)  # every slot has max_n tokens: flat is 0..n-1
         # ... and the tokens already come in slot order (the scheduler sorts decodes by slot): no reorder at all
@@ -154,6 +155,8 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     plan = step_plan(token_lora, num_slots)
     if plan.max_n == 0:
         return ys
+    if plan.max_slot >= num_slots:
+        raise IndexError(f"lora_apply: token slot {plan.max_slot} out of range for {num_slots} slots")
     scales = None  # a float scale of 1: the engine folds adapter scales into B
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         scales = slot_scales(scale, num_slots, x.device).to(x.dtype)

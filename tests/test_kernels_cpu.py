@@ -45,8 +45,9 @@ def test_decode_matches_sdpa(shape):
     kc, vc, bt, seqs = _paged_cache(lens, hkv, d, bs, torch.float32, "cpu", gen)
     # q as the engine passes it: a slice of the fused q/k heads, rows strided past the k heads
     q = torch.randn(len(lens), hq + hkv, d, generator=gen)[:, :hq]
-    assert cpu_attention.supports(q, kc, vc)
-    out = cpu_attention.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    assert cpu_attention.supports(q, kc, vc, bt, seq_lens)
+    out = cpu_attention.paged_decode_attention(q, kc, vc, bt, seq_lens, d ** -0.5)
     for i, (k, v) in enumerate(seqs):
         torch.testing.assert_close(out[i], _sdpa(q[i:i + 1], k, v, d ** -0.5)[0], atol=2e-5, rtol=2e-5)
 
@@ -238,3 +239,23 @@ def test_lora_shape_errors_are_raised_on_the_c_path_too():
     x, a, b, tl, fused, ys = _lora_case(gen, [1, 0, 2])
     with pytest.raises(ValueError, match="lora_apply"):
         cpu_lora.lora_apply(x, a, b[:2], tl, ys)
+
+
+def test_out_of_range_indices_never_reach_the_c_kernels():
+    """The C kernels read without bounds checks; a bad block id or slot goes to torch, which raises."""
+    gen = torch.Generator().manual_seed(21)
+    lens = [20, 7]
+    kc, vc, bt, _ = _paged_cache(lens, 2, 64, 16, torch.float32, "cpu", gen)
+    q, seq_lens = torch.randn(2, 4, 64, generator=gen), torch.tensor(lens, dtype=torch.int32)
+    assert cpu_attention.supports(q, kc, vc, bt, seq_lens)
+    bad = bt.clone()
+    bad[0, 1] = kc.shape[0]  # one past the last block, inside sequence 0's 20 tokens
+    assert not cpu_attention.supports(q, kc, vc, bad, seq_lens)
+    with pytest.raises(IndexError):
+        kernels.paged_decode_attention(q, kc, vc, bad, seq_lens, 0.125)
+    x, a, b, tl, fused, ys = _lora_case(gen, [1, 0, 2], slots=3)
+    assert cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    tl = torch.tensor([1, 0, 3], dtype=torch.int32)  # slot 3 of 3
+    assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    with pytest.raises(IndexError):
+        kernels.lora_apply(x, a, b, tl, ys)
