@@ -105,7 +105,7 @@ def _hint(**hints):
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=None):
     """q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks]; seq_lens [S]."""
     impl = _impl("attention", q.device)
-    if impl.__name__ == "kernels.ref_attention" and requested_backend() == "auto":
+    if impl.__name__ == "kernels.ref_attention":  # supports() also checks that auto (not torch) was asked for
         from kernels import cpu_attention
 
         if cpu_attention.supports(q, k_cache, v_cache, block_tables, seq_lens):
@@ -164,7 +164,7 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     """ys[i] += scale[slot] * lora_bs[i][slot] @ lora_as[i][slot] @ x[t] for every token t with a slot: shrink and
     expand for several modules that read the same input (q/k/v), in one call; returns ys."""
     impl = _impl("lora", x.device)
-    if impl.__name__ == "kernels.ref_lora" and requested_backend() == "auto":
+    if impl.__name__ == "kernels.ref_lora":  # ok() also checks that auto (not torch) was asked for
         from kernels import cpu_lora
 
         if cpu_lora.ok(x, lora_as, lora_bs, token_lora, ys, scale):

@@ -22,6 +22,13 @@ def _auto_backend(monkeypatch):
     dispatch.set_backend("auto")
 
 
+def _spy(monkeypatch, module, name) -> list:
+    """Wrap module.name so each call appends to the returned list (which path dispatch took)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def test_kernel_builds_here():
     """CI machines have gcc: the kernel must build, or every CPU test below would only exercise the fallback."""
     assert cpu_native.available(), cpu_native.status()
@@ -66,9 +73,7 @@ def test_extreme_scores_stay_finite():
 
 
 def test_auto_dispatch_uses_it_for_float32_cpu_only(monkeypatch):
-    calls = []
-    real = cpu_attention.paged_decode_attention
-    monkeypatch.setattr(cpu_attention, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch, cpu_attention, "paged_decode_attention")
     gen = torch.Generator().manual_seed(13)
     lens = [20, 7]
     kc, vc, bt, _ = _paged_cache(lens, 2, 64, 16, torch.float32, "cpu", gen)
@@ -153,9 +158,7 @@ def test_rotary_in_place_on_strided_heads():
 
 def test_dispatch_routes_element_wise_ops(monkeypatch):
     x, w = torch.randn(4, 64), torch.randn(64)
-    calls = []
-    real = cpu_ops.rms_norm
-    monkeypatch.setattr(cpu_ops, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch, cpu_ops, "rms_norm")
     kernels.rms_norm(x, w, 1e-6)
     assert calls == [1]
     kernels.rms_norm(x.double(), w.double(), 1e-6)  # not float32: the reference
@@ -224,9 +227,7 @@ def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
     assert cpu_lora.ok(x, [t.bfloat16() for t in a], [t.bfloat16() for t in b], tl, ys, 1.0)
     x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3, 0, 2])
     assert not cpu_lora.ok(x, a, b, tl, ys, 0.5)  # an unfolded scale: the reference handles it
-    calls = []
-    real = cpu_lora.lora_apply
-    monkeypatch.setattr(cpu_lora, "lora_apply", lambda *args: calls.append(1) or real(*args))
+    calls = _spy(monkeypatch, cpu_lora, "lora_apply")
     kernels.lora_apply(x, a, b, tl, ys)
     assert calls == [1]
     kernels.set_backend("torch")

@@ -1,5 +1,5 @@
-/* loraplex's C kernels for float32 on the CPU (built and loaded by kernels/cpu_native.py; torch references in
- * kernels/ref_attention.py and kernels/ref_ops.py). All take a thread count and use OpenMP, which shares
+/* loraplex's C kernels for float32 activations on the CPU (built and loaded by kernels/cpu_native.py; torch
+ * references in kernels/ref_attention.py, kernels/ref_ops.py and kernels/ref_lora.py). All take a thread count and use OpenMP, which shares
  * torch's thread pool (torch has already loaded the same libgomp). Compiled with -ffast-math (vectorised expf),
  * linked without it (no process-wide flush-to-zero).
  *
@@ -10,15 +10,13 @@
  * computed, since blocks lie anywhere in the cache.
  *
  * Layouts as kernels/ref_attention.py: q [S, Hq, D] (row stride q_stride, heads contiguous), caches
- * [NB, BS, Hkv, D] contiguous, block_tables [S, bt_stride] int32, seq_lens [S] int32, out [S, Hq, D] contiguous.
- * Compiled with -ffast-math (vectorised expf), linked without it (no process-wide flush-to-zero). */
+ * [NB, BS, Hkv, D] contiguous, block_tables [S, bt_stride] int32, seq_lens [S] int32, out [S, Hq, D] contiguous. */
 #include <math.h>
 #include <stdint.h>
 
 #define MAX_HEADS 64
 #define MAX_DIM 256
 #define MAX_BLOCK 64
-
 #define MAX_RANK 256
 
 void lp_limits(int *max_heads, int *max_dim, int *max_block, int *max_rank) {

@@ -224,7 +224,7 @@ class LoRAManager:
         r = self.slot_rank[slot]
         for m in self.slot_modules[slot]:
             self.a[m][:, slot, :r].zero_()
-            (self.b[m][:, slot, :r] if self.b_rank_major else self.b[m][:, slot, :, :r]).zero_()
+            self._b_ranks(self.b[m][:, slot], r).zero_()
         name = self.slot_name[slot]
         if name in self.info:
             self.info[name].state = "cpu" if name in self.cpu else "disk"
@@ -254,11 +254,7 @@ class LoRAManager:
             w = self._weights(name)
             for m in w.target_modules:
                 self.a[m][:, slot, :w.rank].copy_(w.a[m])
-                b = w.b[m] * w.scale  # the scale folded into B once
-                if self.b_rank_major:
-                    self.b[m][:, slot, :w.rank].copy_(b.transpose(-1, -2))
-                else:
-                    self.b[m][:, slot, :, :w.rank].copy_(b)
+                self._b_ranks(self.b[m][:, slot], w.rank).copy_(w.b[m] * w.scale)  # the scale folded into B once
             self.slot_name[slot], self.slot_rank[slot], self.slot_modules[slot] = name, w.rank, set(w.target_modules)
             self.info[name].state = "gpu"
         self.slot_refs[slot] += 1
@@ -298,15 +294,18 @@ class LoRAManager:
 
         return apply
 
+    def _b_ranks(self, b: torch.Tensor, r: int) -> torch.Tensor:
+        """The first r ranks of (part of) a B buffer as [..., out, r], whichever layout it is stored in."""
+        return b[..., :r, :].transpose(-1, -2) if self.b_rank_major else b[..., :r]
+
     def _slot_views(self, layer: int, modules: tuple[str, ...], n: int, r: int):
         """The A and B views of slots :n and ranks :r for a layer's modules, kept across steps (views of the slot
         buffers stay valid when slots are refilled in place; making them anew cost ~3% of a decode step)."""
         key = (layer, modules, n, r)
         views = self._views.get(key)
         if views is None:
-            bt = self.b_rank_major
             views = ([self.a[m][layer, :n, :r] for m in modules],
-                     [self.b[m][layer, :n, :r].transpose(1, 2) if bt else self.b[m][layer, :n, :, :r] for m in modules])
+                     [self._b_ranks(self.b[m][layer, :n], r) for m in modules])
             if len(self._views) > 4096:  # (n, r) rarely change; bound it anyway
                 self._views.clear()
             self._views[key] = views
