@@ -217,6 +217,21 @@ def test_lora_apply_with_bfloat16_weights_matches_reference():
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
 
 
+def test_lora_weights_refilled_in_place_are_seen_by_later_calls():
+    """The C path marshals a weight list once and reuses it while the same views come back (as the engine's
+    slot views do every step): a slot refilled in place between calls must still be read afresh."""
+    gen = torch.Generator().manual_seed(22)
+    x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3], rank_major=True)
+    for _ in range(2):
+        expected = fused.clone()
+        ref_lora.lora_apply(x, a, b, tl, _columns(expected, [y.shape[1] for y in ys]))
+        assert cpu_lora.ok(x, a, b, tl, ys, 1.0)
+        cpu_lora.lora_apply(x, a, b, tl, ys)
+        torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
+        for t in (*a, *b):
+            t[1].copy_(torch.randn(t[1].shape, generator=gen))  # slot 1 takes another adapter
+
+
 def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
     gen = torch.Generator().manual_seed(18)
     x, a, b, tl, fused, ys = _lora_case(gen, [0] * 10 + [1] * 6)  # two long runs (prefill): torch's GEMMs
