@@ -9,9 +9,11 @@ decode attention, multi-LoRA and those ops also run as C (`cpu_attention`, `cpu_
 from kernels.dispatch import (
     BACKENDS,
     KernelBackendError,
+    LoRAGroup,
     backend_for,
     lora_apply,
     lora_expand,
+    lora_group,
     lora_shrink,
     paged_decode_attention,
     paged_prefill_attention,
@@ -41,5 +43,7 @@ __all__ = [
     "lora_shrink",
     "lora_expand",
     "lora_apply",
+    "lora_group",
+    "LoRAGroup",
     "topk_scores",
 ]

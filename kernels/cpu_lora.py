@@ -15,21 +15,21 @@ import ctypes
 import torch
 
 from kernels import cpu_native, ref_lora
+from kernels.dispatch import requested_backend
 
+_F32 = torch.float32
 _KERNELS = {torch.float32: "lp_lora_apply_f32", torch.bfloat16: "lp_lora_apply_bf16w"}
 MAX_C_RUN = 32  # longest same-slot run of tokens the C kernel takes from torch's GEMMs when weights are bf16
 
 
 class _Weights:
-    """One call's adapter weights (lora_as, lora_bs), checked and marshalled for the C kernel once: the engine
-    passes the same view objects every step, so per call only x, y and the slots are left to pass (this cut
-    the Python side of a call by about half)."""
+    """Adapter weights (lora_as, lora_bs) checked and marshalled for the C kernel; fn is None where their dtypes
+    or layouts do not fit it."""
 
     def __init__(self, lora_as, lora_bs):
-        self.tensors = (*lora_as, *lora_bs)  # held, so the ids in the cache key stay theirs
         wdtype = lora_as[0].dtype
-        self.fn = None  # the C function, None where the layouts or dtypes do not fit it
-        if wdtype not in _KERNELS or any(w.dtype is not wdtype or not w.is_cpu for w in self.tensors):
+        self.fn = None
+        if wdtype not in _KERNELS or any(w.dtype is not wdtype or not w.is_cpu for w in (*lora_as, *lora_bs)):
             return
         if any(a.stride(2) != 1 or a.stride(1) != a.shape[2] or 1 not in b.stride()[1:]
                for a, b in zip(lora_as, lora_bs)):
@@ -37,7 +37,7 @@ class _Weights:
         self.rank, self.slots, self.in_features = lora_as[0].shape[1], lora_as[0].shape[0], lora_as[0].shape[2]
         if self.rank > cpu_native.limits()["max_rank"]:
             return
-        m = len(lora_as)
+        m = self.modules = len(lora_as)
         arr = lambda vals: (ctypes.c_int64 * m)(*vals)  # noqa: E731
         self.args = (arr([a.data_ptr() for a in lora_as]), arr([a.stride(0) for a in lora_as]),
                      arr([b.data_ptr() for b in lora_bs]), arr([b.stride(0) for b in lora_bs]),
@@ -45,48 +45,80 @@ class _Weights:
                      arr([b.shape[1] for b in lora_bs]))
         self.weight_dtype, self.fn = wdtype, getattr(cpu_native.lib(), _KERNELS[wdtype])
 
+    def takes(self, token_lora, x_dtype) -> bool:
+        """Whether the step's slots suit the C kernel: some in range, and not a few long same-slot runs (prefill
+        chunks; one adapter for a whole float32 batch) except short runs on bf16 weights, which torch upcasts."""
+        plan = ref_lora.step_plan(token_lora, self.slots)
+        if plan.max_n == 0 or plan.max_slot >= self.slots:  # out-of-range slots: torch raises for them
+            return False
+        return plan.runs is None or (self.weight_dtype is not x_dtype
+                                     and max(end - start for _, start, end in plan.runs) <= MAX_C_RUN)
 
-_cache: dict[tuple[int, ...], _Weights] = {}
+    def run(self, x, slots, y_ptrs, y_strides) -> None:
+        m = self.modules
+        self.fn(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], slots.data_ptr(), m, *self.args,
+                (ctypes.c_int64 * m)(*y_ptrs), (ctypes.c_int64 * m)(*y_strides), self.rank, cpu_native.threads())
 
 
-def _weights(lora_as, lora_bs) -> _Weights:
-    key = (*map(id, lora_as), *map(id, lora_bs))
-    w = _cache.get(key)
-    if w is None:
-        if len(_cache) > 2048:  # the engine needs layers x module groups x a few (slots, rank) shapes
-            _cache.clear()
-        w = _cache[key] = _Weights(lora_as, lora_bs)
-    return w
+def _int32(token_lora: torch.Tensor) -> torch.Tensor:
+    return token_lora if token_lora.dtype == torch.int32 and token_lora.is_contiguous() \
+        else token_lora.to(torch.int32).contiguous()
 
 
 def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
     """Whether this call takes the C path: float32 CPU activations, float32 or bfloat16 weights (the engine's
-    lora_dtype), unit scale (the engine folds scales into B), layouts the kernel reads, and a batch that is not a
-    few long same-slot runs (prefill chunks; one adapter for a whole float32 batch)."""
+    lora_dtype), unit scale (the engine folds scales into B), layouts the kernel reads, and slots it takes."""
     if isinstance(scale, torch.Tensor) or scale != 1.0 or not lora_as or x.stride(1) != 1:
         return False
     if any(y.stride(1) != 1 for y in ys) or not cpu_native.usable(x, *ys):
         return False
-    w = _weights(lora_as, lora_bs)
-    if w.fn is None:
-        return False
-    plan = ref_lora.step_plan(token_lora, w.slots)
-    if plan.max_n == 0 or plan.max_slot >= w.slots:  # out-of-range slots: torch raises for them
-        return False
-    if plan.runs is None:
-        return True
-    # a few same-slot runs: torch's GEMMs, except short (decode) runs on bf16 weights, which torch would upcast
-    return w.weight_dtype is not x.dtype and max(end - start for _, start, end in plan.runs) <= MAX_C_RUN
+    w = _Weights(lora_as, lora_bs)
+    return w.fn is not None and w.takes(token_lora, x.dtype)
 
 
 def lora_apply(x, lora_as, lora_bs, token_lora, ys):
     """As kernels.ref_lora.lora_apply with scale 1; callers check ok() first."""
     ref_lora.check_apply_args(x, lora_as, lora_bs, token_lora, ys)
-    w = _weights(lora_as, lora_bs)
-    slots = token_lora if token_lora.dtype == torch.int32 and token_lora.is_contiguous() \
-        else token_lora.to(torch.int32).contiguous()
-    m = len(ys)
-    w.fn(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], slots.data_ptr(), m, *w.args,
-         (ctypes.c_int64 * m)(*[y.data_ptr() for y in ys]), (ctypes.c_int64 * m)(*[y.stride(0) for y in ys]),
-         w.rank, cpu_native.threads())
+    _Weights(lora_as, lora_bs).run(x, _int32(token_lora), [y.data_ptr() for y in ys], [y.stride(0) for y in ys])
     return ys
+
+
+class Group:
+    """kernels.LoRAGroup's C form: the weights are marshalled once, the step's slots checked once per step, and
+    a call passes just x and y's pointers to the kernel (the Python around ~120 calls a decode step cost ~8 ms
+    on the 2-core CPU before, ~80 us a call with caches cold after the base GEMMs). Anything the kernel does
+    not take goes to the general group."""
+
+    def __init__(self, weights: _Weights, general):
+        self.w, self.general = weights, general
+        self.starts = [c.start for c in general.columns]
+        self.width = max(c.stop for c in general.columns)
+        self.item = 4  # float32 outputs
+        self._tl = self._slots = None
+        self._takes = False
+
+    def __call__(self, x, token_lora, y):
+        w = self.w
+        if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
+            self._tl, self._slots = token_lora, _int32(token_lora)
+            self._takes = token_lora.dim() == 1 and w.takes(token_lora, torch.float32)
+        if not (self._takes and x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu
+                and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[1] == w.in_features
+                and x.shape[0] == y.shape[0] == token_lora.shape[0] and y.shape[1] >= self.width
+                and requested_backend() == "auto"):
+            return self.general(x, token_lora, y)
+        base, row = y.data_ptr(), y.stride(0)
+        w.run(x, self._slots, [base + self.item * c for c in self.starts], [row] * w.modules)
+        return y
+
+
+def group(lora_as, lora_bs, general):
+    """The C form of a LoRAGroup where its weights suit the C kernel and it builds here, else None."""
+    cols = general.columns
+    if not lora_as or len(cols) != len(lora_as) or not cpu_native.available():
+        return None
+    if any(not isinstance(c, slice) or not isinstance(c.start, int) or c.step not in (None, 1)
+           or c.stop - c.start != b.shape[1] for c, b in zip(cols, lora_bs)):
+        return None  # columns that are not plain ranges of the outputs' widths: the general path (or its errors)
+    w = _Weights(lora_as, lora_bs)
+    return Group(w, general) if w.fn is not None else None

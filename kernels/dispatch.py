@@ -172,6 +172,31 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     return impl.lora_apply(x, lora_as, lora_bs, token_lora, ys, scale)
 
 
+class LoRAGroup:
+    """LoRA modules that read one input (q/k/v, gate/up), bound once: g(x, token_lora, y) adds each module's
+    delta into its columns of the fused projection output y, as lora_apply(x, lora_as, lora_bs, token_lora,
+    [y[:, c] for c in columns]) would. Make them with lora_group; the engine keeps one per layer and module group
+    across steps (the views stay valid while slots are refilled in place)."""
+
+    def __init__(self, lora_as, lora_bs, columns):
+        self.lora_as, self.lora_bs, self.columns = list(lora_as), list(lora_bs), list(columns)
+
+    def __call__(self, x, token_lora, y):
+        lora_apply(x, self.lora_as, self.lora_bs, token_lora, [y[:, c] for c in self.columns])
+        return y
+
+
+def lora_group(lora_as, lora_bs, columns: list[slice]):
+    """A LoRAGroup; on the CPU its C form (kernels.cpu_lora.Group), which still sends what C does not take to
+    lora_apply. Groups are for repeated calls with the same weight views: binding checks and marshals them once."""
+    general = LoRAGroup(lora_as, lora_bs, columns)
+    if lora_as and lora_as[0].is_cpu:
+        from kernels import cpu_lora
+
+        return cpu_lora.group(lora_as, lora_bs, general) or general
+    return general
+
+
 def topk_scores(queries, keys, k, metric="ip"):
     """(scores [q, k], ids [q, k] int64), best first; metric "ip" (inner product) or "cosine"; k clamps to n."""
     return _impl("topk", queries.device).topk_scores(queries, keys, k, metric)

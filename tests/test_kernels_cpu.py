@@ -217,19 +217,56 @@ def test_lora_apply_with_bfloat16_weights_matches_reference():
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
 
 
-def test_lora_weights_refilled_in_place_are_seen_by_later_calls():
-    """The C path marshals a weight list once and reuses it while the same views come back (as the engine's
-    slot views do every step): a slot refilled in place between calls must still be read afresh."""
+def _group_case(gen, token_slots, rank_major=True):
+    x, a, b, tl, fused, ys = _lora_case(gen, token_slots, rank_major=rank_major)
+    outs = torch.tensor([0, *(y.shape[1] for y in ys)]).cumsum(0).tolist()
+    return x, a, b, tl, fused, [slice(lo, hi) for lo, hi in zip(outs, outs[1:])]
+
+
+def _expected(x, a, b, tl, fused, columns):
+    expected = fused.clone()
+    ref_lora.lora_apply(x, a, b, tl, [expected[:, c] for c in columns])
+    return expected
+
+
+@pytest.mark.parametrize("rank_major", [False, True], ids=["b-out-major", "b-rank-major"])
+def test_lora_group_matches_reference_step_after_step(monkeypatch, rank_major):
+    """A bound group (as the engine keeps one per layer and module group) over several steps: decode steps go to
+    C, a prefill-shaped step to the general path, slots refilled in place between steps are read afresh."""
     gen = torch.Generator().manual_seed(22)
-    x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3], rank_major=True)
-    for _ in range(2):
-        expected = fused.clone()
-        ref_lora.lora_apply(x, a, b, tl, _columns(expected, [y.shape[1] for y in ys]))
-        assert cpu_lora.ok(x, a, b, tl, ys, 1.0)
-        cpu_lora.lora_apply(x, a, b, tl, ys)
+    x, a, b, tl, fused, columns = _group_case(gen, [2, 0, -1, 1, 3], rank_major)
+    group = kernels.lora_group(a, b, columns)
+    assert isinstance(group, cpu_lora.Group)
+    c_calls = _spy(monkeypatch, cpu_lora._Weights, "run")
+    steps = [tl, torch.tensor([3, 1, 0, -1, 2], dtype=torch.int32), torch.tensor([1] * 5, dtype=torch.int32)]
+    for i, step in enumerate(steps):
+        expected = _expected(x, a, b, step, fused, columns)
+        assert group(x, step, fused) is fused
         torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
+        assert len(c_calls) == min(i + 1, 2)  # the last step is one long run: torch's GEMMs
         for t in (*a, *b):
             t[1].copy_(torch.randn(t[1].shape, generator=gen))  # slot 1 takes another adapter
+
+
+def test_lora_group_sends_what_c_does_not_take_to_the_general_path(monkeypatch):
+    gen = torch.Generator().manual_seed(23)
+    x, a, b, tl, fused, columns = _group_case(gen, [2, 0, 1, 3])
+    group = kernels.lora_group(a, b, columns)
+    c_calls = _spy(monkeypatch, cpu_lora._Weights, "run")
+    with pytest.raises(IndexError):  # a slot out of range never reaches C: the reference raises
+        group(x, torch.tensor([2, 0, 8, 3], dtype=torch.int32), fused)
+    with pytest.raises(ValueError, match="lora_apply"):  # an output too narrow for the columns
+        group(x, tl, fused[:, :-1])
+    kernels.set_backend("torch")  # forced after binding: honoured per call
+    expected = _expected(x, a, b, tl, fused, columns)
+    group(x, tl, fused)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
+    assert c_calls == []
+    kernels.set_backend("auto")
+    group(x, tl, fused)
+    assert c_calls == [1]
+    wrong = columns[:2] + [slice(columns[2].start, columns[2].stop + 1)]  # a column wider than its module's B
+    assert not isinstance(kernels.lora_group(a, b, wrong), cpu_lora.Group)
 
 
 def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):

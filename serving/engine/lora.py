@@ -9,7 +9,7 @@ reads each token's adapter as one sequential stream (CPU LoRA ~15% faster than s
 on huge pages on the CPU (host_memory). A sequence takes a slot when the scheduler admits it and gives it back
 when it finishes or is preempted; a slot whose adapter has no running sequence is reused least-recently-used first.
 Per step, every token carries its slot (-1 for the base), and the delta  y += scale * B[slot] @ A[slot] @ x
-is added per target module through kernels.lora_apply (C or torch on the CPU, Triton on CUDA), one call
+is added per target module through a kernels.LoRAGroup (C or torch on the CPU, Triton on CUDA), one call
 for the modules sharing an input (q/k/v, gate/up). The scale is folded into B when a slot is filled.
 Ranks below r_max are zero-padded; a step only computes up to the largest rank among its active slots, and
 only over slots up to the highest active one (slots are filled lowest first).
@@ -166,7 +166,7 @@ class LoRAManager:
         # Off the Triton kernels (which read B out-major), B is stored rank-major [layers, slots, r_max, out] and
         # passed as a transposed view: the CPU C kernel's expand then streams whole rows (y += t[k] * B^T[k]).
         self.b_rank_major = kernels.backend_for(self.device) == "torch"
-        self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._groups: dict[tuple, kernels.LoRAGroup] = {}
         self.lock = threading.Lock()  # guards info/cpu for readers outside the engine thread
         self.requests: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
@@ -296,12 +296,10 @@ class LoRAManager:
         n = max(active) + 1  # slots past the highest active one hold nothing this step needs
         modules = set().union(*(self.slot_modules[s] for s in active))
         present = {kind: tuple(m for m in names if m in modules) for kind, names in KIND_MODULES.items()}
-        cols = self.out_columns
 
         def apply(layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
             if present[kind]:
-                lora_as, lora_bs = self._slot_views(layer, present[kind], n, r)
-                kernels.lora_apply(x, lora_as, lora_bs, token_lora, [y[:, cols[m]] for m in present[kind]])
+                self._group(layer, present[kind], n, r)(x, token_lora, y)
 
         return apply
 
@@ -309,15 +307,17 @@ class LoRAManager:
         """The first r ranks of (part of) a B buffer as [..., out, r], whichever layout it is stored in."""
         return b[..., :r, :].transpose(-1, -2) if self.b_rank_major else b[..., :r]
 
-    def _slot_views(self, layer: int, modules: tuple[str, ...], n: int, r: int):
-        """The A and B views of slots :n and ranks :r for a layer's modules, kept across steps (views of the slot
-        buffers stay valid when slots are refilled in place; making them anew cost ~3% of a decode step)."""
+    def _group(self, layer: int, modules: tuple[str, ...], n: int, r: int) -> kernels.LoRAGroup:
+        """The kernels' LoRA group for a layer's modules over slots :n and ranks :r, kept across steps (views of
+        the slot buffers stay valid when slots are refilled in place; binding them anew each step cost ~3% of a
+        decode step, and the C group's per-call path is what keeps 120 calls a step cheap)."""
         key = (layer, modules, n, r)
-        views = self._views.get(key)
-        if views is None:
-            views = ([self.a[m][layer, :n, :r] for m in modules],
-                     [self._b_ranks(self.b[m][layer, :n], r) for m in modules])
-            if len(self._views) > 4096:  # (n, r) rarely change; bound it anyway
-                self._views.clear()
-            self._views[key] = views
-        return views
+        group = self._groups.get(key)
+        if group is None:
+            group = kernels.lora_group([self.a[m][layer, :n, :r] for m in modules],
+                                       [self._b_ranks(self.b[m][layer, :n], r) for m in modules],
+                                       [self.out_columns[m] for m in modules])
+            if len(self._groups) > 4096:  # (n, r) rarely change; bound it anyway
+                self._groups.clear()
+            self._groups[key] = group
+        return group
