@@ -86,8 +86,9 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys):
 class Group:
     """kernels.LoRAGroup's C form: the weights are marshalled once, the step's slots checked once per step, and
     a call passes just x and y's pointers to the kernel (the Python around ~120 calls a decode step cost ~8 ms
-    on the 2-core CPU before, ~80 us a call with caches cold after the base GEMMs). Anything the kernel does
-    not take goes to the general group."""
+    on the 2-core CPU before, ~80 us a call with caches cold after the base GEMMs). The backend asked for is
+    also read once per step (per new slot vector). Anything the kernel does not take goes to the general
+    group."""
 
     def __init__(self, weights: _Weights, general):
         self.w, self.general = weights, general
@@ -101,11 +102,11 @@ class Group:
         w = self.w
         if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
             self._tl, self._slots = token_lora, _int32(token_lora)
-            self._takes = token_lora.dim() == 1 and w.takes(token_lora, torch.float32)
+            self._takes = token_lora.dim() == 1 and requested_backend() == "auto" \
+                and w.takes(token_lora, torch.float32)
         if not (self._takes and x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu
                 and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[1] == w.in_features
-                and x.shape[0] == y.shape[0] == token_lora.shape[0] and y.shape[1] >= self.width
-                and requested_backend() == "auto"):
+                and x.shape[0] == y.shape[0] == token_lora.shape[0] and y.shape[1] >= self.width):
             return self.general(x, token_lora, y)
         base, row = y.data_ptr(), y.stride(0)
         w.run(x, self._slots, [base + self.item * c for c in self.starts], [row] * w.modules)

@@ -257,13 +257,14 @@ def test_lora_group_sends_what_c_does_not_take_to_the_general_path(monkeypatch):
         group(x, torch.tensor([2, 0, 8, 3], dtype=torch.int32), fused)
     with pytest.raises(ValueError, match="lora_apply"):  # an output too narrow for the columns
         group(x, tl, fused[:, :-1])
-    kernels.set_backend("torch")  # forced after binding: honoured per call
+    kernels.set_backend("torch")  # forced after binding: honoured from the next step (a new slot vector) on
+    tl = tl.clone()
     expected = _expected(x, a, b, tl, fused, columns)
     group(x, tl, fused)
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
     assert c_calls == []
     kernels.set_backend("auto")
-    group(x, tl, fused)
+    group(x, tl.clone(), fused)
     assert c_calls == [1]
     wrong = columns[:2] + [slice(columns[2].start, columns[2].stop + 1)]  # a column wider than its module's B
     assert not isinstance(kernels.lora_group(a, b, wrong), cpu_lora.Group)

@@ -296,10 +296,13 @@ class LoRAManager:
         n = max(active) + 1  # slots past the highest active one hold nothing this step needs
         modules = set().union(*(self.slot_modules[s] for s in active))
         present = {kind: tuple(m for m in names if m in modules) for kind, names in KIND_MODULES.items()}
+        groups = [{kind: self._group(layer, names, n, r) for kind, names in present.items() if names}
+                  for layer in range(self.layers)]
 
         def apply(layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
-            if present[kind]:
-                self._group(layer, present[kind], n, r)(x, token_lora, y)
+            group = groups[layer].get(kind)
+            if group is not None:
+                group(x, token_lora, y)
 
         return apply
 
