@@ -238,12 +238,16 @@ def test_lora_group_matches_reference_step_after_step(monkeypatch, rank_major):
     group = kernels.lora_group(a, b, columns)
     assert isinstance(group, cpu_lora.Group)
     c_calls = _spy(monkeypatch, cpu_lora._Weights, "run")
-    steps = [tl, torch.tensor([3, 1, 0, -1, 2], dtype=torch.int32), torch.tensor([1] * 5, dtype=torch.int32)]
-    for i, step in enumerate(steps):
-        expected = _expected(x, a, b, step, fused, columns)
-        assert group(x, step, fused) is fused
-        torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
-        assert len(c_calls) == min(i + 1, 2)  # the last step is one long run: torch's GEMMs
+    prefill = cpu_lora.MAX_C_RUN + 3
+    steps = [(x, tl, fused), (x, torch.tensor([3, 1, 0, -1, 2], dtype=torch.int32), fused),
+             (x, torch.tensor([1] * 5, dtype=torch.int32), fused),  # one adapter for the whole batch
+             (torch.randn(prefill, x.shape[1], generator=gen), torch.tensor([1] * prefill, dtype=torch.int32),
+              torch.randn(prefill, fused.shape[1], generator=gen))]  # a long run (prefill): torch's GEMMs
+    for i, (xs, step, out) in enumerate(steps):
+        expected = _expected(xs, a, b, step, out, columns)
+        assert group(xs, step, out) is out
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+        assert len(c_calls) == min(i + 1, 3)
         for t in (*a, *b):
             t[1].copy_(torch.randn(t[1].shape, generator=gen))  # slot 1 takes another adapter
 
@@ -272,11 +276,13 @@ def test_lora_group_sends_what_c_does_not_take_to_the_general_path(monkeypatch):
 
 def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
     gen = torch.Generator().manual_seed(18)
-    x, a, b, tl, fused, ys = _lora_case(gen, [0] * 10 + [1] * 6)  # two long runs (prefill): torch's GEMMs
+    long_run = cpu_lora.MAX_C_RUN + 1
+    x, a, b, tl, fused, ys = _lora_case(gen, [0] * long_run + [1] * 6)  # a long run (prefill): torch's GEMMs
     assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
-    # one adapter for a short decode batch: float32 weights go to torch's GEMMs, bf16 ones to C (no upcast)
-    x, a, b, tl, fused, ys = _lora_case(gen, [4] * 8)
-    assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
+    assert not cpu_lora.ok(x, [t.bfloat16() for t in a], [t.bfloat16() for t in b], tl, ys, 1.0)
+    # one adapter for a whole decode batch: short runs go to C, whatever the weights' dtype
+    x, a, b, tl, fused, ys = _lora_case(gen, [4] * cpu_lora.MAX_C_RUN)
+    assert cpu_lora.ok(x, a, b, tl, ys, 1.0)
     assert cpu_lora.ok(x, [t.bfloat16() for t in a], [t.bfloat16() for t in b], tl, ys, 1.0)
     x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3, 0, 2])
     assert not cpu_lora.ok(x, a, b, tl, ys, 0.5)  # an unfolded scale: the reference handles it
