@@ -85,6 +85,12 @@ def main(argv=None):
         for i, path in enumerate(paths):
             engine.add_lora(f"adapter-{i}", path)
         engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        # Untimed, one token per request: every adapter into its slot before the rounds (a server's steady state;
+        # adapter load times are their own metric), so round 1 does not also time 32 slot fills.
+        with console.status("filling adapter slots"):
+            engine.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=1),
+                            lora_names=[f"adapter-{i % max(counts)}" for i in range(args.requests)]
+                            if max(counts) else None)
         rounds: dict[int, list[float]] = {n: [] for n in counts}
         for r in range(args.repeat):
             for n in counts:

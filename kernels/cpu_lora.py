@@ -1,12 +1,13 @@
 """Multi-LoRA shrink+expand in C on the CPU: float32 activations, float32 or bfloat16 adapter weights
-(lp_lora_apply_f32 / lp_lora_apply_bf16w in kernels/csrc/cpu_kernels.c).
+(lp_lora_apply_f32 / lp_lora_apply_bf16w / lp_lora_runs_f32 in kernels/csrc/cpu_kernels.c).
 
-For decode-shaped batches (a few tokens per adapter slot) the torch path pads tokens into per-slot batched
-matmuls; the C kernel instead walks the tokens and reads each slot's A and B in place, once per token (from
-cache for a slot's later tokens). B may be [slots, out, r] with either axis contiguous (the engine keeps it
-rank-major on the CPU). Batches of long same-adapter runs (prefill chunks) stay on the torch path, whose
-plain GEMMs are faster from runs of ~64 tokens on; up to MAX_C_RUN the C kernel was 1.4-5x faster (one
-adapter for a whole decode batch included).
+Two kernels, chosen per step from its slot vector. Tokens mostly in same-slot runs (prefill chunks, one
+adapter for a whole batch, several decodes per adapter) take the runs kernel: blocks of 4 tokens of one slot
+share every weight load (float32 weights, B rank-major as the engine keeps it on the CPU). Tokens on distinct
+slots (decode with many adapters) take the per-token kernel, which reads each slot's A and B in place once per
+token; the torch path would pad them into per-slot batched matmuls. bfloat16 weights (the engine's lora_dtype)
+have only the per-token kernel: runs longer than MAX_C_RUN go to torch's GEMMs, as does anything else the
+kernels do not take.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kernels.dispatch import requested_backend
 
 _F32 = torch.float32
 _KERNELS = {torch.float32: "lp_lora_apply_f32", torch.bfloat16: "lp_lora_apply_bf16w"}
-MAX_C_RUN = 32  # longest same-slot run of tokens the C kernel takes from torch's GEMMs
+MAX_C_RUN = 32  # longest same-slot run the per-token kernel takes from torch's GEMMs (~64: torch's)
 
 
 class _Weights:
@@ -45,19 +46,25 @@ class _Weights:
                      arr([b.stride(1) for b in lora_bs]), arr([b.stride(2) for b in lora_bs]),
                      arr([b.shape[1] for b in lora_bs]))
         self.fn = getattr(cpu_native.lib(), _KERNELS[wdtype])
+        rank_major = all(b.stride(1) == 1 for b in lora_bs)
+        self.runs_fn = cpu_native.lib().lp_lora_runs_f32 if wdtype is _F32 and rank_major else None
 
-    def takes(self, token_lora) -> bool:
-        """Whether the step's slots suit the C kernel: some in range, and not a few same-slot runs longer than
-        MAX_C_RUN (prefill chunks)."""
+    def kernel(self, token_lora):
+        """The C function for this step's slots, or None (torch): none in range, or long runs without the runs
+        kernel. Runs of 2+ tokens on average take the runs kernel, scattered slots the per-token one."""
         plan = ref_lora.step_plan(token_lora, self.slots)
         if plan.max_n == 0 or plan.max_slot >= self.slots:  # out-of-range slots: torch raises for them
-            return False
-        return plan.runs is None or max(end - start for _, start, end in plan.runs) <= MAX_C_RUN
+            return None
+        if self.runs_fn is not None and plan.tokens >= 2 * plan.segments:
+            return self.runs_fn
+        if plan.runs is None or max(end - start for _, start, end in plan.runs) <= MAX_C_RUN:
+            return self.fn
+        return None
 
-    def run(self, x, slots, y_ptrs, y_strides) -> None:
+    def run(self, fn, x, slots, y_ptrs, y_strides) -> None:
         m = self.modules
-        self.fn(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], slots.data_ptr(), m, *self.args,
-                (ctypes.c_int64 * m)(*y_ptrs), (ctypes.c_int64 * m)(*y_strides), self.rank, cpu_native.threads())
+        fn(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], slots.data_ptr(), m, *self.args,
+           (ctypes.c_int64 * m)(*y_ptrs), (ctypes.c_int64 * m)(*y_strides), self.rank, cpu_native.threads())
 
 
 def _int32(token_lora: torch.Tensor) -> torch.Tensor:
@@ -73,13 +80,14 @@ def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
     if any(y.stride(1) != 1 for y in ys) or not cpu_native.usable(x, *ys):
         return False
     w = _Weights(lora_as, lora_bs)
-    return w.fn is not None and w.takes(token_lora)
+    return w.fn is not None and w.kernel(token_lora) is not None
 
 
 def lora_apply(x, lora_as, lora_bs, token_lora, ys):
     """As kernels.ref_lora.lora_apply with scale 1; callers check ok() first."""
     ref_lora.check_apply_args(x, lora_as, lora_bs, token_lora, ys)
-    _Weights(lora_as, lora_bs).run(x, _int32(token_lora), [y.data_ptr() for y in ys], [y.stride(0) for y in ys])
+    w = _Weights(lora_as, lora_bs)
+    w.run(w.kernel(token_lora), x, _int32(token_lora), [y.data_ptr() for y in ys], [y.stride(0) for y in ys])
     return ys
 
 
@@ -95,20 +103,19 @@ class Group:
         self.starts = [c.start for c in general.columns]
         self.width = max(c.stop for c in general.columns)
         self.item = 4  # float32 outputs
-        self._tl = self._slots = None
-        self._takes = False
+        self._tl = self._slots = self._fn = None
 
     def __call__(self, x, token_lora, y):
         w = self.w
         if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
             self._tl, self._slots = token_lora, _int32(token_lora)
-            self._takes = token_lora.dim() == 1 and requested_backend() == "auto" and w.takes(token_lora)
-        if not (self._takes and x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu
+            self._fn = w.kernel(token_lora) if token_lora.dim() == 1 and requested_backend() == "auto" else None
+        if not (self._fn is not None and x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu
                 and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[1] == w.in_features
                 and x.shape[0] == y.shape[0] == token_lora.shape[0] and y.shape[1] >= self.width):
             return self.general(x, token_lora, y)
         base, row = y.data_ptr(), y.stride(0)
-        w.run(x, self._slots, [base + self.item * c for c in self.starts], [row] * w.modules)
+        w.run(self._fn, x, self._slots, [base + self.item * c for c in self.starts], [row] * w.modules)
         return y
 
 

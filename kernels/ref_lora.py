@@ -83,11 +83,12 @@ class _Plan:
         # Runs of consecutive tokens on one slot (prefill: a sequence's tokens are contiguous). When there are few,
         # lora_apply works on slices of x and y in place: no gather of rows, no scatter back.
         # A single run (one adapter for the whole batch) also beats the batched matmuls: two plain GEMMs per module.
-        self.runs = None
+        self.runs, self.tokens, self.segments = None, len(slots), 0
         if len(slots):
             edges = [0] + ((tl[1:] != tl[:-1]).nonzero().squeeze(1) + 1).tolist() + [tl.shape[0]]
             run_slots = tl[edges[:-1]].tolist()
             runs = [(s, a, b) for s, a, b in zip(run_slots, edges, edges[1:]) if s >= 0]
+            self.segments = len(runs)  # same-slot runs among the tokens with a slot (the C path's choice)
             if len(runs) == 1 or (not self.dense and len(runs) <= 2 * len(self.groups)):
                 self.runs = runs
 

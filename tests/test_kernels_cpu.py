@@ -242,12 +242,12 @@ def test_lora_group_matches_reference_step_after_step(monkeypatch, rank_major):
     steps = [(x, tl, fused), (x, torch.tensor([3, 1, 0, -1, 2], dtype=torch.int32), fused),
              (x, torch.tensor([1] * 5, dtype=torch.int32), fused),  # one adapter for the whole batch
              (torch.randn(prefill, x.shape[1], generator=gen), torch.tensor([1] * prefill, dtype=torch.int32),
-              torch.randn(prefill, fused.shape[1], generator=gen))]  # a long run (prefill): torch's GEMMs
+              torch.randn(prefill, fused.shape[1], generator=gen))]  # a long run (prefill)
     for i, (xs, step, out) in enumerate(steps):
         expected = _expected(xs, a, b, step, out, columns)
         assert group(xs, step, out) is out
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
-        assert len(c_calls) == min(i + 1, 3)
+        assert len(c_calls) == (i + 1 if rank_major else min(i + 1, 3))  # long runs: C needs B rank-major
         for t in (*a, *b):
             t[1].copy_(torch.randn(t[1].shape, generator=gen))  # slot 1 takes another adapter
 
@@ -274,16 +274,25 @@ def test_lora_group_sends_what_c_does_not_take_to_the_general_path(monkeypatch):
     assert not isinstance(kernels.lora_group(a, b, wrong), cpu_lora.Group)
 
 
-def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
-    gen = torch.Generator().manual_seed(18)
-    long_run = cpu_lora.MAX_C_RUN + 1
-    x, a, b, tl, fused, ys = _lora_case(gen, [0] * long_run + [1] * 6)  # a long run (prefill): torch's GEMMs
-    assert not cpu_lora.ok(x, a, b, tl, ys, 1.0)
-    assert not cpu_lora.ok(x, [t.bfloat16() for t in a], [t.bfloat16() for t in b], tl, ys, 1.0)
-    # one adapter for a whole decode batch: short runs go to C, whatever the weights' dtype
-    x, a, b, tl, fused, ys = _lora_case(gen, [4] * cpu_lora.MAX_C_RUN)
-    assert cpu_lora.ok(x, a, b, tl, ys, 1.0)
-    assert cpu_lora.ok(x, [t.bfloat16() for t in a], [t.bfloat16() for t in b], tl, ys, 1.0)
+def _kernel(x, a, b, tl):
+    """The C function kernels.lora_apply would run for these arguments (None: torch)."""
+    return cpu_lora._Weights(a, b).kernel(tl) if cpu_lora.ok(x, a, b, tl, [x], 1.0) else None
+
+
+def test_lora_kernel_choice_follows_the_steps_slots(monkeypatch):
+    lib, gen = cpu_native.lib(), torch.Generator().manual_seed(18)
+    long_run = [0] * (cpu_lora.MAX_C_RUN + 1) + [1] * 6 + [-1] * 3  # a prefill chunk, another, base tokens
+    x, a, b, tl, fused, ys = _lora_case(gen, long_run, rank_major=True)
+    assert _kernel(x, a, b, tl) == lib.lp_lora_runs_f32
+    bf16 = [t.bfloat16() for t in a], [t.bfloat16() for t in b]
+    assert _kernel(x, *bf16, tl) is None  # bf16 weights: per-token kernel only, long runs to torch's GEMMs
+    x, a, b, tl, fused, ys = _lora_case(gen, long_run)  # B out-major: no runs kernel either
+    assert _kernel(x, a, b, tl) is None
+    x, a, b, tl, fused, ys = _lora_case(gen, [4] * cpu_lora.MAX_C_RUN)  # ... but short runs take the per-token one
+    assert _kernel(x, a, b, tl) == lib.lp_lora_apply_f32
+    x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3, 0, 2, 5, 5], rank_major=True)  # scattered: per token
+    assert _kernel(x, a, b, tl) == lib.lp_lora_apply_f32
+    assert _kernel(x, *([t.bfloat16() for t in w] for w in (a, b)), tl) == lib.lp_lora_apply_bf16w
     x, a, b, tl, fused, ys = _lora_case(gen, [2, 0, 1, 3, 0, 2])
     assert not cpu_lora.ok(x, a, b, tl, ys, 0.5)  # an unfolded scale: the reference handles it
     calls = _spy(monkeypatch, cpu_lora, "lora_apply")
@@ -292,6 +301,23 @@ def test_lora_takes_the_c_path_only_for_decode_shaped_batches(monkeypatch):
     kernels.set_backend("torch")
     kernels.lora_apply(x, a, b, tl, ys)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("token_slots", [
+    [1] * 37 + [0] * 9 + [-1] * 5 + [3] * 2 + [2] + [1] * 11,  # prefill chunks of every length, base tokens
+    [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4],  # decode, several tokens per adapter
+], ids=["prefill", "decode-by-adapter"])
+def test_runs_kernel_matches_reference(token_slots):
+    """Odd rank (two ranks at a time), H_in not a multiple of 8 and outputs not of 16 (the scalar tails),
+    blocks cut short by run ends."""
+    gen = torch.Generator().manual_seed(24)
+    x, a, b, tl, fused, ys = _lora_case(gen, token_slots, slots=6, r_max=8, r=5, h_in=100, outs=(100, 40, 9),
+                                        rank_major=True)
+    assert _kernel(x, a, b, tl) == cpu_native.lib().lp_lora_runs_f32
+    expected = fused.clone()
+    ref_lora.lora_apply(x, a, b, tl, _columns(expected, [y.shape[1] for y in ys]))
+    cpu_lora.lora_apply(x, a, b, tl, ys)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_lora_shape_errors_are_raised_on_the_c_path_too():
