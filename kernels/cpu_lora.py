@@ -3,11 +3,11 @@
 
 Two kernels, chosen per step from its slot vector. Tokens mostly in same-slot runs (prefill chunks, one
 adapter for a whole batch, several decodes per adapter) take the runs kernel: blocks of 4 tokens of one slot
-share every weight load (float32 weights, B rank-major as the engine keeps it on the CPU). Tokens on distinct
-slots (decode with many adapters) take the per-token kernel, which reads each slot's A and B in place once per
-token; the torch path would pad them into per-slot batched matmuls. bfloat16 weights (the engine's lora_dtype)
-have only the per-token kernel: runs longer than MAX_C_RUN go to torch's GEMMs, as does anything else the
-kernels do not take.
+share every weight load (B rank-major, as the engine keeps it on the CPU). Tokens on distinct slots (decode
+with many adapters) take the per-token kernel, which reads each slot's A and B in place once per token; the
+torch path would pad them into per-slot batched matmuls. Both read float32 or bfloat16 weights (the engine's
+lora_dtype). With B out-major only the per-token kernel runs, up to runs of MAX_C_RUN tokens; longer runs go to
+torch's GEMMs, as does anything else the kernels do not take.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from kernels.dispatch import requested_backend
 
 _F32 = torch.float32
 _KERNELS = {torch.float32: "lp_lora_apply_f32", torch.bfloat16: "lp_lora_apply_bf16w"}
+_RUN_KERNELS = {torch.float32: "lp_lora_runs_f32", torch.bfloat16: "lp_lora_runs_bf16w"}
 MAX_C_RUN = 32  # longest same-slot run the per-token kernel takes from torch's GEMMs (~64: torch's)
 
 
@@ -47,7 +48,7 @@ class _Weights:
                      arr([b.shape[1] for b in lora_bs]))
         self.fn = getattr(cpu_native.lib(), _KERNELS[wdtype])
         rank_major = all(b.stride(1) == 1 for b in lora_bs)
-        self.runs_fn = cpu_native.lib().lp_lora_runs_f32 if wdtype is _F32 and rank_major else None
+        self.runs_fn = getattr(cpu_native.lib(), _RUN_KERNELS[wdtype]) if rank_major else None
 
     def kernel(self, token_lora):
         """The C function for this step's slots, or None (torch): none in range, or long runs without the runs

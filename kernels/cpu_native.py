@@ -35,6 +35,7 @@ SIGNATURES = {
     "lp_lora_apply_f32": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_lora_apply_bf16w": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_lora_runs_f32": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
+    "lp_lora_runs_bf16w": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_limits": [_P, _P, _P, _P],
 }
 _lib: ctypes.CDLL | None = None

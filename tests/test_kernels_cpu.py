@@ -284,9 +284,8 @@ def test_lora_kernel_choice_follows_the_steps_slots(monkeypatch):
     long_run = [0] * (cpu_lora.MAX_C_RUN + 1) + [1] * 6 + [-1] * 3  # a prefill chunk, another, base tokens
     x, a, b, tl, fused, ys = _lora_case(gen, long_run, rank_major=True)
     assert _kernel(x, a, b, tl) == lib.lp_lora_runs_f32
-    bf16 = [t.bfloat16() for t in a], [t.bfloat16() for t in b]
-    assert _kernel(x, *bf16, tl) is None  # bf16 weights: per-token kernel only, long runs to torch's GEMMs
-    x, a, b, tl, fused, ys = _lora_case(gen, long_run)  # B out-major: no runs kernel either
+    assert _kernel(x, *([t.bfloat16() for t in w] for w in (a, b)), tl) == lib.lp_lora_runs_bf16w
+    x, a, b, tl, fused, ys = _lora_case(gen, long_run)  # B out-major: no runs kernel, long runs to torch's GEMMs
     assert _kernel(x, a, b, tl) is None
     x, a, b, tl, fused, ys = _lora_case(gen, [4] * cpu_lora.MAX_C_RUN)  # ... but short runs take the per-token one
     assert _kernel(x, a, b, tl) == lib.lp_lora_apply_f32
@@ -307,13 +306,18 @@ def test_lora_kernel_choice_follows_the_steps_slots(monkeypatch):
     [1] * 37 + [0] * 9 + [-1] * 5 + [3] * 2 + [2] + [1] * 11,  # prefill chunks of every length, base tokens
     [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4],  # decode, several tokens per adapter
 ], ids=["prefill", "decode-by-adapter"])
-def test_runs_kernel_matches_reference(token_slots):
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_runs_kernel_matches_reference(token_slots, wdtype):
     """Odd rank (two ranks at a time), H_in not a multiple of 8 and outputs not of 16 (the scalar tails),
-    blocks cut short by run ends."""
+    blocks cut short by run ends; bf16 weights widened as read (the reference upcasts them first)."""
     gen = torch.Generator().manual_seed(24)
     x, a, b, tl, fused, ys = _lora_case(gen, token_slots, slots=6, r_max=8, r=5, h_in=100, outs=(100, 40, 9),
                                         rank_major=True)
-    assert _kernel(x, a, b, tl) == cpu_native.lib().lp_lora_runs_f32
+    a = [t.to(wdtype) for t in a]
+    b = [t.transpose(1, 2).contiguous().transpose(1, 2).to(wdtype) for t in b]  # rank-major, as the engine keeps B
+    assert all(t.stride(1) == 1 for t in b)
+    name = {torch.float32: "lp_lora_runs_f32", torch.bfloat16: "lp_lora_runs_bf16w"}[wdtype]
+    assert _kernel(x, a, b, tl) == getattr(cpu_native.lib(), name)
     expected = fused.clone()
     ref_lora.lora_apply(x, a, b, tl, _columns(expected, [y.shape[1] for y in ys]))
     cpu_lora.lora_apply(x, a, b, tl, ys)

@@ -208,99 +208,110 @@ void NAME(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t
 LORA_APPLY(lp_lora_apply_f32, float, ld_f32)
 LORA_APPLY(lp_lora_apply_bf16w, uint16_t, ld_bf16)
 
-/* Multi-LoRA for runs of tokens on one slot (prefill chunks; one adapter for a whole batch), float32 weights with
- * B rank-major: blocks of up to 4 consecutive tokens of one slot share every weight load, shrink as 4 tokens x 2
- * ranks and expand as 4 tokens x 16 outputs held in registers (the per-token kernel above loads a weight for
- * each multiply-add): 1.3-2.2x torch's GEMMs on prefill-length runs, 2-8x on short ones, on the 2-core CPU.
- * Work items are (block, module) pairs in token order, statically chunked, so a thread's consecutive blocks
- * reuse their slot's A and B from cache. Arguments as lp_lora_apply_f32; b_os must be 1 (rank-major B). */
+/* Multi-LoRA for runs of tokens on one slot (prefill chunks; one adapter for a whole batch; several decodes per
+ * adapter), B rank-major: blocks of up to 4 consecutive tokens of one slot share every weight load, shrink as
+ * 4 tokens x 2 ranks and expand as 4 tokens x 16 outputs held in registers (the per-token kernel above loads a
+ * weight for each multiply-add): 1.3-2.2x torch's GEMMs on prefill-length runs, 2-8x on short ones, on the
+ * 2-core CPU. Work items are (block, module) pairs in token order, statically chunked, so a thread's
+ * consecutive blocks reuse their slot's A and B from cache. Arguments as lp_lora_apply_f32; b_os must be 1.
+ * Weights float32 (lp_lora_runs_f32) or bfloat16 (lp_lora_runs_bf16w), widened 8 at a time as they are read. */
 typedef float lp_v8 __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t lp_v8h __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t lp_v8u __attribute__((vector_size(32)));
 
 static inline float lp_hsum8(lp_v8 v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
+static inline lp_v8 ld8_f32(const float *p) { return *(const lp_v8 *)p; }
+static inline lp_v8 ld8_bf16(const uint16_t *p) {
+    return (lp_v8)(__builtin_convertvector(*(const lp_v8h *)p, lp_v8u) << 16);
+}
 
 #define RUN_BLOCK 4
 
-static void lora_block_f32(const float *const xr[RUN_BLOCK], float *const yr[RUN_BLOCK], int n, const float *a,
-                           int64_t in, const float *b, int64_t ks, int64_t out, int r) {
-    float tmp[RUN_BLOCK][MAX_RANK];
-    for (int k = 0; k < r; k += 2) {
-        const int k2 = k + 1 < r ? k + 1 : k;
-        const float *a0 = a + k * in, *a1 = a + k2 * in;
-        lp_v8 acc0[RUN_BLOCK] = {0}, acc1[RUN_BLOCK] = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) {
-            const lp_v8 va0 = *(const lp_v8 *)(a0 + i), va1 = *(const lp_v8 *)(a1 + i);
-            for (int j = 0; j < RUN_BLOCK; j++) {
-                const lp_v8 xv = *(const lp_v8 *)(xr[j] + i);
-                acc0[j] += va0 * xv;
-                acc1[j] += va1 * xv;
-            }
-        }
-        for (int j = 0; j < RUN_BLOCK; j++) {
-            float s0 = lp_hsum8(acc0[j]), s1 = lp_hsum8(acc1[j]);
-            for (int64_t ii = i; ii < in; ii++) {
-                s0 += a0[ii] * xr[j][ii];
-                s1 += a1[ii] * xr[j][ii];
-            }
-            tmp[j][k] = s0;
-            tmp[j][k2] = s1;
-        }
-    }
-    int64_t o = 0;
-    for (; o + 16 <= out; o += 16) {
-        lp_v8 acc0[RUN_BLOCK] = {0}, acc1[RUN_BLOCK] = {0};
-        for (int k = 0; k < r; k++) {
-            const float *bk = b + k * ks + o;
-            const lp_v8 b0 = *(const lp_v8 *)bk, b1 = *(const lp_v8 *)(bk + 8);
-            for (int j = 0; j < RUN_BLOCK; j++) {
-                acc0[j] += tmp[j][k] * b0;
-                acc1[j] += tmp[j][k] * b1;
-            }
-        }
-        for (int j = 0; j < n; j++) {
-            *(lp_v8 *)(yr[j] + o) += acc0[j];
-            *(lp_v8 *)(yr[j] + o + 8) += acc1[j];
-        }
-    }
-    for (; o < out; o++)
-        for (int j = 0; j < n; j++) {
-            float sum = 0.f;
-            for (int k = 0; k < r; k++) sum += tmp[j][k] * b[k * ks + o];
-            yr[j][o] += sum;
-        }
+#define LORA_RUNS(NAME, WT, LD8, LD)                                                                              \
+static void NAME##_block(const float *const xr[RUN_BLOCK], float *const yr[RUN_BLOCK], int n, const WT *a,        \
+                         int64_t in, const WT *b, int64_t ks, int64_t out, int r) {                               \
+    float tmp[RUN_BLOCK][MAX_RANK];                                                                               \
+    for (int k = 0; k < r; k += 2) {                                                                              \
+        const int k2 = k + 1 < r ? k + 1 : k;                                                                     \
+        const WT *a0 = a + k * in, *a1 = a + k2 * in;                                                             \
+        lp_v8 acc0[RUN_BLOCK] = {0}, acc1[RUN_BLOCK] = {0};                                                       \
+        int64_t i = 0;                                                                                            \
+        for (; i + 8 <= in; i += 8) {                                                                             \
+            const lp_v8 va0 = LD8(a0 + i), va1 = LD8(a1 + i);                                                     \
+            for (int j = 0; j < RUN_BLOCK; j++) {                                                                 \
+                const lp_v8 xv = *(const lp_v8 *)(xr[j] + i);                                                     \
+                acc0[j] += va0 * xv;                                                                              \
+                acc1[j] += va1 * xv;                                                                              \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int j = 0; j < RUN_BLOCK; j++) {                                                                     \
+            float s0 = lp_hsum8(acc0[j]), s1 = lp_hsum8(acc1[j]);                                                 \
+            for (int64_t ii = i; ii < in; ii++) {                                                                 \
+                s0 += LD(a0, ii) * xr[j][ii];                                                                     \
+                s1 += LD(a1, ii) * xr[j][ii];                                                                     \
+            }                                                                                                     \
+            tmp[j][k] = s0;                                                                                       \
+            tmp[j][k2] = s1;                                                                                      \
+        }                                                                                                         \
+    }                                                                                                             \
+    int64_t o = 0;                                                                                                \
+    for (; o + 16 <= out; o += 16) {                                                                              \
+        lp_v8 acc0[RUN_BLOCK] = {0}, acc1[RUN_BLOCK] = {0};                                                       \
+        for (int k = 0; k < r; k++) {                                                                             \
+            const WT *bk = b + k * ks + o;                                                                        \
+            const lp_v8 b0 = LD8(bk), b1 = LD8(bk + 8);                                                           \
+            for (int j = 0; j < RUN_BLOCK; j++) {                                                                 \
+                acc0[j] += tmp[j][k] * b0;                                                                        \
+                acc1[j] += tmp[j][k] * b1;                                                                        \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int j = 0; j < n; j++) {                                                                             \
+            *(lp_v8 *)(yr[j] + o) += acc0[j];                                                                     \
+            *(lp_v8 *)(yr[j] + o + 8) += acc1[j];                                                                 \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (; o < out; o++)                                                                                          \
+        for (int j = 0; j < n; j++) {                                                                             \
+            float sum = 0.f;                                                                                      \
+            for (int k = 0; k < r; k++) sum += tmp[j][k] * LD(b, k * ks + o);                                     \
+            yr[j][o] += sum;                                                                                      \
+        }                                                                                                         \
+}                                                                                                                 \
+                                                                                                                  \
+void NAME(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t *token_slot, int M,              \
+          const int64_t *a_ptrs, const int64_t *a_ss, const int64_t *b_ptrs, const int64_t *b_ss,                \
+          const int64_t *b_os, const int64_t *b_ks, const int64_t *outs, const int64_t *y_ptrs,                  \
+          const int64_t *y_strides, int r, int nthreads) {                                                        \
+    (void)b_os;                                                                                                   \
+    int64_t nb = 0;                                                                                               \
+    int64_t *starts = (int64_t *)malloc((size_t)(T + 1) * sizeof(int64_t));                                      \
+    if (!starts) return;                                                                                          \
+    for (int64_t t = 0; t < T;) {                                                                                 \
+        int64_t e = t + 1;                                                                                        \
+        while (e < T && e - t < RUN_BLOCK && token_slot[e] == token_slot[t]) e++;                                 \
+        starts[nb++] = t;                                                                                         \
+        t = e;                                                                                                    \
+    }                                                                                                             \
+    starts[nb] = T;                                                                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                           \
+    for (int64_t w = 0; w < nb * M; w++) {                                                                        \
+        const int64_t t0 = starts[w / M];                                                                         \
+        const int m = (int)(w % M), n = (int)(starts[w / M + 1] - t0), s = token_slot[t0];                        \
+        if (s < 0) continue;                                                                                      \
+        const float *xr[RUN_BLOCK];                                                                               \
+        float *yr[RUN_BLOCK];                                                                                     \
+        for (int j = 0; j < RUN_BLOCK; j++) { /* a short block repeats its last token; only n rows are written */ \
+            const int64_t t = t0 + (j < n ? j : n - 1);                                                           \
+            xr[j] = x + t * x_stride;                                                                             \
+            yr[j] = (float *)y_ptrs[m] + t * y_strides[m];                                                        \
+        }                                                                                                         \
+        NAME##_block(xr, yr, n, (const WT *)a_ptrs[m] + s * a_ss[m], in, (const WT *)b_ptrs[m] + s * b_ss[m],     \
+                     b_ks[m], outs[m], r);                                                                        \
+    }                                                                                                             \
+    free(starts);                                                                                                 \
 }
 
-void lp_lora_runs_f32(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t *token_slot, int M,
-                      const int64_t *a_ptrs, const int64_t *a_ss, const int64_t *b_ptrs, const int64_t *b_ss,
-                      const int64_t *b_os, const int64_t *b_ks, const int64_t *outs, const int64_t *y_ptrs,
-                      const int64_t *y_strides, int r, int nthreads) {
-    (void)b_os;
-    int64_t nb = 0;
-    int64_t *starts = (int64_t *)malloc((size_t)(T + 1) * sizeof(int64_t));
-    if (!starts) return;
-    for (int64_t t = 0; t < T;) {
-        int64_t e = t + 1;
-        while (e < T && e - t < RUN_BLOCK && token_slot[e] == token_slot[t]) e++;
-        starts[nb++] = t;
-        t = e;
-    }
-    starts[nb] = T;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t w = 0; w < nb * M; w++) {
-        const int64_t t0 = starts[w / M];
-        const int m = (int)(w % M), n = (int)(starts[w / M + 1] - t0), s = token_slot[t0];
-        if (s < 0) continue;
-        const float *xr[RUN_BLOCK];
-        float *yr[RUN_BLOCK];
-        for (int j = 0; j < RUN_BLOCK; j++) {  /* a short block repeats its last token; only n rows are written */
-            const int64_t t = t0 + (j < n ? j : n - 1);
-            xr[j] = x + t * x_stride;
-            yr[j] = (float *)y_ptrs[m] + t * y_strides[m];
-        }
-        lora_block_f32(xr, yr, n, (const float *)a_ptrs[m] + s * a_ss[m], in,
-                       (const float *)b_ptrs[m] + s * b_ss[m], b_ks[m], outs[m], r);
-    }
-    free(starts);
-}
+LORA_RUNS(lp_lora_runs_f32, float, ld8_f32, ld_f32)
+LORA_RUNS(lp_lora_runs_bf16w, uint16_t, ld8_bf16, ld_bf16)
