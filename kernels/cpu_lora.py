@@ -1,5 +1,5 @@
 """Multi-LoRA shrink+expand in C on the CPU: float32 activations, float32 or bfloat16 adapter weights
-(lp_lora_apply_f32 / lp_lora_apply_bf16w / lp_lora_runs_f32 in kernels/csrc/cpu_kernels.c).
+(lp_lora_apply_f32|bf16w and lp_lora_runs_f32|bf16w in kernels/csrc/cpu_kernels.c).
 
 Two kernels, chosen per step from its slot vector. Tokens mostly in same-slot runs (prefill chunks, one
 adapter for a whole batch, several decodes per adapter) take the runs kernel: blocks of 4 tokens of one slot

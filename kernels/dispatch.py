@@ -3,7 +3,7 @@
 Backend choice, highest priority first: `set_backend(name)` (the engine's `kernels` config; "auto" defers), then
 the `LORAPLEX_KERNELS` environment variable (auto|torch|triton), then auto. Auto picks Triton when the tensors
 are on CUDA and triton imports, torch otherwise — except that on float32 CPU tensors auto runs the C kernels
-(decode attention, RMSNorm, SwiGLU, rotary, multi-LoRA for decode batches; kernels.cpu_native) where they
+(decode attention, RMSNorm, SwiGLU, rotary, multi-LoRA; kernels.cpu_native) where they
 build; "torch" forces torch. Forcing triton on CPU tensors needs TRITON_INTERPRET=1 (set
 before the first Triton kernel module is imported).
 """
