@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels import step_cache
-from kernels.ref_lora import check_lora_args, slot_scales
+from kernels.ref_lora import check_apply_args, check_lora_args, slot_scales
 from kernels.triton_launch import dot_precision, needs_int64
 
 
@@ -94,22 +94,32 @@ def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
     return 16 if not on_gpu or num_tokens / max(1, num_slots) <= 32 else 32
 
 
-def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
-    """segments: slot_segments(token_lora, num_slots), to share the sort between shrink and expand."""
+def _check_shrink(x, lora_a, token_lora):
     check_lora_args(x, lora_a, token_lora, "lora_shrink")
-    num_tokens, hidden = x.shape
-    num_slots, rank = lora_a.shape[0], lora_a.shape[1]
-    if lora_a.shape[2] != hidden:
-        raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={hidden}")
+    if lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={x.shape[1]}")
     if lora_a.dtype != x.dtype:
         raise ValueError(f"lora_shrink: x is {x.dtype} but lora_a is {lora_a.dtype}")
     if x.stride(1) != 1 or lora_a.stride(2) != 1:
         raise ValueError("lora_shrink: x and lora_a must be contiguous along H_in")
-    t = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
-    if num_tokens == 0 or num_slots == 0:
-        return t
-    order, starts, counts = segments if segments is not None else slot_segments(token_lora, num_slots)
-    scales = slot_scales(scale, num_slots, x.device)
+
+
+def _check_expand(t, lora_b, token_lora, y):
+    check_lora_args(t, lora_b, token_lora, "lora_expand")
+    if lora_b.shape[2] != t.shape[1] or y.shape != (t.shape[0], lora_b.shape[1]):
+        raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
+                         "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
+    if lora_b.dtype != y.dtype:
+        raise ValueError(f"lora_expand: y is {y.dtype} but lora_b is {lora_b.dtype}")
+    if t.stride(1) != 1 or lora_b.stride(2) != 1 or y.stride(1) != 1:
+        raise ValueError("lora_expand: t, lora_b and y must be contiguous along their last axis")
+
+
+def _shrink_into(x, lora_a, t, scales, segments) -> None:
+    """One launch: t's rows of the tokens with a slot (the others are not written)."""
+    num_tokens, hidden = x.shape
+    num_slots, rank = lora_a.shape[0], lora_a.shape[1]
+    order, starts, counts = segments
     on_gpu = x.device.type == "cuda"
     block_m = _block_m(num_tokens, num_slots, on_gpu)
     block_r = min(32, max(16, triton.next_power_of_2(rank)))  # larger ranks take more rank tiles
@@ -120,23 +130,13 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
                          BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OFF64=needs_int64(x, t),
                          DOT_PREC=dot_precision(x.dtype),
                          num_warps=4)
-    return t
 
 
-def lora_expand(t, lora_b, token_lora, y, segments=None):
-    check_lora_args(t, lora_b, token_lora, "lora_expand")
+def _expand_into(t, lora_b, y, segments) -> None:
+    """One launch: y's rows of the tokens with a slot += their slot's B @ t (only those rows of t are read)."""
     num_tokens, rank = t.shape
     num_slots, out_features = lora_b.shape[0], lora_b.shape[1]
-    if lora_b.shape[2] != rank or y.shape != (num_tokens, out_features):
-        raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
-                         "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
-    if lora_b.dtype != y.dtype:
-        raise ValueError(f"lora_expand: y is {y.dtype} but lora_b is {lora_b.dtype}")
-    if t.stride(1) != 1 or lora_b.stride(2) != 1 or y.stride(1) != 1:
-        raise ValueError("lora_expand: t, lora_b and y must be contiguous along their last axis")
-    if num_tokens == 0 or num_slots == 0:
-        return y
-    order, starts, counts = segments if segments is not None else slot_segments(token_lora, num_slots)
+    order, starts, counts = segments
     on_gpu = t.device.type == "cuda"
     block_m = _block_m(num_tokens, num_slots, on_gpu)
     block_n = 128 if on_gpu else 32
@@ -147,16 +147,48 @@ def lora_expand(t, lora_b, token_lora, y, segments=None):
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, OFF64=needs_int64(t, y),
                          DOT_PREC=dot_precision(lora_b.dtype),
                          num_warps=4)
+
+
+def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
+    """segments: slot_segments(token_lora, num_slots), to share the sort between shrink and expand."""
+    _check_shrink(x, lora_a, token_lora)
+    num_slots = lora_a.shape[0]
+    t = torch.zeros(x.shape[0], lora_a.shape[1], dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0 or num_slots == 0:
+        return t
+    segments = segments if segments is not None else slot_segments(token_lora, num_slots)
+    _shrink_into(x, lora_a, t, slot_scales(scale, num_slots, x.device), segments)
+    return t
+
+
+def lora_expand(t, lora_b, token_lora, y, segments=None):
+    _check_expand(t, lora_b, token_lora, y)
+    num_slots = lora_b.shape[0]
+    if t.shape[0] == 0 or num_slots == 0:
+        return y
+    _expand_into(t, lora_b, y, segments if segments is not None else slot_segments(token_lora, num_slots))
     return y
 
 
 def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
-    """Shrink then expand per module; the slot sort is done once per step (kernels.step_cache)."""
-    if not lora_as:
+    """Shrink then expand per module: two launches a module. The slot sort and a float scale's per-slot tensor
+    are made once per step (kernels.step_cache), and the rank-r intermediate is left uninitialised, since expand
+    reads only the rows shrink writes (made per call, each was one more small launch per module)."""
+    check_apply_args(x, lora_as, lora_bs, token_lora, ys)
+    if not lora_as or x.shape[0] == 0 or lora_as[0].shape[0] == 0:
         return ys
     num_slots = lora_as[0].shape[0]
     segments = step_cache.cached("lora_segments", (token_lora,), lambda: slot_segments(token_lora, num_slots),
                                  (num_slots,))
+    if isinstance(scale, torch.Tensor):
+        scales = slot_scales(scale, num_slots, x.device)
+    else:
+        scales = step_cache.cached("lora_scales", (token_lora,), lambda: slot_scales(scale, num_slots, x.device),
+                                   (num_slots, float(scale)))
     for a, b, y in zip(lora_as, lora_bs, ys):
-        lora_expand(lora_shrink(x, a, token_lora, scale, segments), b, token_lora, y, segments)
+        _check_shrink(x, a, token_lora)
+        t = torch.empty(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
+        _check_expand(t, b, token_lora, y)
+        _shrink_into(x, a, t, scales, segments)
+        _expand_into(t, b, y, segments)
     return ys

@@ -228,15 +228,18 @@ def test_reference_lora_apply_matches_per_token_loop(layout):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["one-token-per-slot", "one-slot-many-tokens"])
-def test_triton_lora_apply_matches_reference(tri, case, layout):
+@pytest.mark.parametrize("per_slot_scale", [True, False], ids=["slot-scales", "scale-1-as-the-engine"])
+def test_triton_lora_apply_matches_reference(tri, case, layout, per_slot_scale):
     device, dtype = case
     x, mods, token_lora, scale, fused, _, outs = _fused_case(layout, dtype)
+    if not per_slot_scale:
+        scale = torch.ones_like(scale)  # the engine folds scales into B and passes 1.0
     expected = fused.float().clone()
     ref.lora_apply(x.float(), [a.float() for a, _ in mods], [b.float() for _, b in mods], token_lora,
                    _column_views(expected, outs), scale)
     fused = fused.to(device)
     tri.lora_apply(x.to(device), [a.to(device) for a, _ in mods], [b.to(device) for _, b in mods],
-                   token_lora.to(device), _column_views(fused, outs), scale.to(device))
+                   token_lora.to(device), _column_views(fused, outs), scale.to(device) if per_slot_scale else 1.0)
     atol, rtol = LORA_TOLERANCES[dtype]
     torch.testing.assert_close(fused.float().cpu(), expected, atol=atol, rtol=rtol)
 
