@@ -68,11 +68,6 @@ class _Weights:
            (ctypes.c_int64 * m)(*y_ptrs), (ctypes.c_int64 * m)(*y_strides), self.rank, cpu_native.threads())
 
 
-def _int32(token_lora: torch.Tensor) -> torch.Tensor:
-    return token_lora if token_lora.dtype == torch.int32 and token_lora.is_contiguous() \
-        else token_lora.to(torch.int32).contiguous()
-
-
 def ok(x, lora_as, lora_bs, token_lora, ys, scale) -> bool:
     """Whether this call takes the C path: float32 CPU activations, float32 or bfloat16 weights (the engine's
     lora_dtype), unit scale (the engine folds scales into B), layouts the kernel reads, and slots it takes."""
@@ -88,7 +83,8 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys):
     """As kernels.ref_lora.lora_apply with scale 1; callers check ok() first."""
     ref_lora.check_apply_args(x, lora_as, lora_bs, token_lora, ys)
     w = _Weights(lora_as, lora_bs)
-    w.run(w.kernel(token_lora), x, _int32(token_lora), [y.data_ptr() for y in ys], [y.stride(0) for y in ys])
+    w.run(w.kernel(token_lora), x, token_lora.to(torch.int32).contiguous(), [y.data_ptr() for y in ys],
+          [y.stride(0) for y in ys])
     return ys
 
 
@@ -101,22 +97,21 @@ class Group:
 
     def __init__(self, weights: _Weights, general):
         self.w, self.general = weights, general
-        self.starts = [c.start for c in general.columns]
+        self.byte_offsets = [4 * c.start for c in general.columns]  # each module's columns in a float32 row
         self.width = max(c.stop for c in general.columns)
-        self.item = 4  # float32 outputs
         self._tl = self._slots = self._fn = None
 
     def __call__(self, x, token_lora, y):
         w = self.w
         if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
-            self._tl, self._slots = token_lora, _int32(token_lora)
+            self._tl, self._slots = token_lora, token_lora.to(torch.int32).contiguous()
             self._fn = w.kernel(token_lora) if token_lora.dim() == 1 and requested_backend() == "auto" else None
         if not (self._fn is not None and x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu
                 and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[1] == w.in_features
                 and x.shape[0] == y.shape[0] == token_lora.shape[0] and y.shape[1] >= self.width):
             return self.general(x, token_lora, y)
         base, row = y.data_ptr(), y.stride(0)
-        w.run(self._fn, x, self._slots, [base + self.item * c for c in self.starts], [row] * w.modules)
+        w.run(self._fn, x, self._slots, [base + off for off in self.byte_offsets], [row] * w.modules)
         return y
 
 

@@ -94,21 +94,16 @@ def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
     return 16 if not on_gpu or num_tokens / max(1, num_slots) <= 32 else 32
 
 
-def _check_shrink(x, lora_a, token_lora):
-    check_lora_args(x, lora_a, token_lora, "lora_shrink")
-    if lora_a.shape[2] != x.shape[1]:
-        raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={x.shape[1]}")
+def _check_shrink_layout(x, lora_a):
+    """What the shrink kernel needs beyond fitting shapes: one dtype, rows contiguous along H_in."""
     if lora_a.dtype != x.dtype:
         raise ValueError(f"lora_shrink: x is {x.dtype} but lora_a is {lora_a.dtype}")
     if x.stride(1) != 1 or lora_a.stride(2) != 1:
         raise ValueError("lora_shrink: x and lora_a must be contiguous along H_in")
 
 
-def _check_expand(t, lora_b, token_lora, y):
-    check_lora_args(t, lora_b, token_lora, "lora_expand")
-    if lora_b.shape[2] != t.shape[1] or y.shape != (t.shape[0], lora_b.shape[1]):
-        raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
-                         "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
+def _check_expand_layout(t, lora_b, y):
+    """What the expand kernel needs beyond fitting shapes: B in y's dtype, last axes contiguous."""
     if lora_b.dtype != y.dtype:
         raise ValueError(f"lora_expand: y is {y.dtype} but lora_b is {lora_b.dtype}")
     if t.stride(1) != 1 or lora_b.stride(2) != 1 or y.stride(1) != 1:
@@ -151,7 +146,10 @@ def _expand_into(t, lora_b, y, segments) -> None:
 
 def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
     """segments: slot_segments(token_lora, num_slots), to share the sort between shrink and expand."""
-    _check_shrink(x, lora_a, token_lora)
+    check_lora_args(x, lora_a, token_lora, "lora_shrink")
+    if lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink: lora_a is [.., .., {lora_a.shape[2]}] but x has H_in={x.shape[1]}")
+    _check_shrink_layout(x, lora_a)
     num_slots = lora_a.shape[0]
     t = torch.zeros(x.shape[0], lora_a.shape[1], dtype=x.dtype, device=x.device)
     if x.shape[0] == 0 or num_slots == 0:
@@ -162,7 +160,11 @@ def lora_shrink(x, lora_a, token_lora, scale=1.0, segments=None):
 
 
 def lora_expand(t, lora_b, token_lora, y, segments=None):
-    _check_expand(t, lora_b, token_lora, y)
+    check_lora_args(t, lora_b, token_lora, "lora_expand")
+    if lora_b.shape[2] != t.shape[1] or y.shape != (t.shape[0], lora_b.shape[1]):
+        raise ValueError(f"lora_expand: t {tuple(t.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} "
+                         "do not fit t [T, r], lora_b [slots, H_out, r], y [T, H_out]")
+    _check_expand_layout(t, lora_b, y)
     num_slots = lora_b.shape[0]
     if t.shape[0] == 0 or num_slots == 0:
         return y
@@ -174,7 +176,7 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     """Shrink then expand per module: two launches a module. The slot sort and a float scale's per-slot tensor
     are made once per step (kernels.step_cache), and the rank-r intermediate is left uninitialised, since expand
     reads only the rows shrink writes (made per call, each was one more small launch per module)."""
-    check_apply_args(x, lora_as, lora_bs, token_lora, ys)
+    check_apply_args(x, lora_as, lora_bs, token_lora, ys)  # shapes; per module below only dtypes and strides
     if not lora_as or x.shape[0] == 0 or lora_as[0].shape[0] == 0:
         return ys
     num_slots = lora_as[0].shape[0]
@@ -186,9 +188,9 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
         scales = step_cache.cached("lora_scales", (token_lora,), lambda: slot_scales(scale, num_slots, x.device),
                                    (num_slots, float(scale)))
     for a, b, y in zip(lora_as, lora_bs, ys):
-        _check_shrink(x, a, token_lora)
         t = torch.empty(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
-        _check_expand(t, b, token_lora, y)
+        _check_shrink_layout(x, a)
+        _check_expand_layout(t, b, y)
         _shrink_into(x, a, t, scales, segments)
         _expand_into(t, b, y, segments)
     return ys

@@ -111,8 +111,8 @@ def test_bad_adapters_are_refused_and_engine_keeps_serving(lora_setup, tmp_path,
 
 def test_bfloat16_adapter_store_follows_fp32(lora_setup):
     """lora_dtype: bfloat16 on an fp32 model keeps slots in bf16 (half the bytes per decode step); log-probs stay
-    within bf16 rounding of the fp32 store, far closer than the adapter's own effect. Token 1 comes from prefill
-    (torch path), token 2 from a mixed-adapter decode step (the C kernel on the CPU); token 2 is compared where
+    within bf16 rounding of the fp32 store, far closer than the adapter's own effect. Token 1 comes from prefill,
+    token 2 from a mixed-adapter decode step (both through the C LoRA kernels on the CPU); token 2 is compared where
     token 1 agrees (this tiny random model's top tokens can be ~0.01 apart, so greedy paths may part)."""
     base, adapters = lora_setup
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]

@@ -30,7 +30,7 @@ def _madvise_hugepage(ptr: int, nbytes: int) -> bool:
 def zeros(numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """A zeroed 1-D tensor of numel elements; on Linux CPUs 2 MB-aligned and advised onto huge pages."""
     device = torch.device(device)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     if device.type != "cpu" or not sys.platform.startswith("linux") or numel * item < HUGE_PAGE:
         return torch.zeros(numel, dtype=dtype, device=device)
     raw = torch.empty(numel + HUGE_PAGE // item, dtype=dtype)  # not touched yet: the advice applies to its pages
