@@ -187,10 +187,15 @@ class LoRAGroup:
 
 
 def lora_group(lora_as, lora_bs, columns: list[slice]):
-    """A LoRAGroup; on the CPU its C form (kernels.cpu_lora.Group), which still sends what C does not take to
-    lora_apply. Groups are for repeated calls with the same weight views: binding checks and marshals them once."""
+    """A LoRAGroup; where Triton runs, its one-launch form (kernels.triton_lora.Group), else on the CPU its C form
+    (kernels.cpu_lora.Group); both send what they do not take to lora_apply. Groups are for repeated calls with
+    the same weight views: binding checks and marshals them once."""
     general = LoRAGroup(lora_as, lora_bs, columns)
-    if lora_as and lora_as[0].is_cpu:
+    if not lora_as:
+        return general
+    if backend_for(lora_as[0].device) == "triton":
+        return _impl("lora", lora_as[0].device).group(lora_as, lora_bs, general) or general
+    if lora_as[0].is_cpu:
         from kernels import cpu_lora
 
         return cpu_lora.group(lora_as, lora_bs, general) or general

@@ -117,6 +117,12 @@ def gpu_compile_report(arch: int = 90) -> dict:
                                                                      OFF64=False, DOT_PREC="tf32"), arch)
     report["lora-expand"] = compile_for_gpu(L._expand_kernel, dict(seg, t_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16"),
                                             dict(BLOCK_M=32, BLOCK_N=128, BLOCK_R=32, OFF64=False, DOT_PREC="tf32"), arch)
+    for m, r in ((16, 16), (32, 16), (32, 64), (32, 128)):
+        settings = L.group_settings(m, r, on_gpu=True)
+        warps = settings.pop("num_warps")
+        report[f"lora-group-m{m}-r{r}"] = compile_for_gpu(L._group_kernel, dict(
+            seg, x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", chunk_ptr="*i64", stride_ws="i64"),
+            dict(settings, OFF64=False, DOT_PREC="tf32"), arch, num_warps=warps)
     topk = dict(q_ptr="*bf16", k_ptr="*bf16", qinv_ptr="*fp32", kinv_ptr="*fp32", out_ptr="*fp32")
     for cfg in T._GPU_CONFIGS:
         bd, w, st = cfg.kwargs["BLOCK_D"], cfg.num_warps, cfg.num_stages

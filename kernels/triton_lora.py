@@ -88,6 +88,54 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_f
         tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+@triton.jit
+def _group_kernel(x_ptr, w_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, chunk_ptr, hidden, rank,
+                  stride_xt, stride_ws, stride_ar, stride_bo, stride_yt,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                  OFF64: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One program: one tile of one slot's tokens, one chunk of one module's output columns. It shrinks its
+    tokens through the module's A (t stays in registers), then adds t @ B^T into each BLOCK_N tile of the chunk.
+    A chunk row of chunk_ptr: A's and B's offsets from w_ptr within a slot, the module's first column in y, and
+    the chunk's columns [begin, end) of the module's output."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    slot = tl.program_id(2)
+    count = tl.load(counts_ptr + slot)
+    if pid_m * BLOCK_M < count:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < count
+        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
+        if OFF64:
+            rows = rows.to(tl.int64)
+        chunk = chunk_ptr + pid_c * 5
+        a_off, b_off, y_col = tl.load(chunk), tl.load(chunk + 1), tl.load(chunk + 2)
+        n_begin, n_end = tl.load(chunk + 3), tl.load(chunk + 4)
+        w_slot = w_ptr + slot.to(tl.int64) * stride_ws
+        offs_r = tl.arange(0, BLOCK_R)
+        rmask = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            kmask = (k0 + offs_k) < hidden
+            x = tl.load(x_ptr + rows[:, None] * stride_xt + (k0 + offs_k)[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(w_slot + a_off + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None],
+                        mask=kmask[:, None] & rmask[None, :], other=0.0)
+            acc += tl.dot(x, a, input_precision=DOT_PREC)
+        t = acc.to(x_ptr.dtype.element_ty)  # rounded as the two-launch path stores it
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            cols = n0 + offs_n
+            nmask = cols < n_end
+            b = tl.load(w_slot + b_off + cols[None, :] * stride_bo + offs_r[:, None],
+                        mask=rmask[:, None] & nmask[None, :], other=0.0)
+            y_ptrs = y_ptr + rows[:, None] * stride_yt + (y_col + cols)[None, :]
+            ymask = mmask[:, None] & nmask[None, :]
+            y = tl.load(y_ptrs, mask=ymask, other=0.0)
+            d = tl.dot(t.to(b.dtype), b, input_precision=DOT_PREC)
+            tl.store(y_ptrs, (y.to(tl.float32) + d).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
 def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
     """Token tile from the mean tokens per slot: small tiles keep SMs busy when many adapters share a batch
     (64 would spill registers on sm_90)."""
@@ -194,3 +242,108 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
         _shrink_into(x, a, t, scales, segments)
         _expand_into(t, b, y, segments)
     return ys
+
+
+GROUP_MAX_RANK = 128  # the group kernel keeps a token tile's whole rank-r intermediate in registers
+_CHUNK_COLUMNS = (512, 4096)  # output columns per program: decode-sized steps, larger steps (see Group)
+
+
+class Group:
+    """kernels.LoRAGroup's Triton form: one launch for all of a group's modules (q/k/v: one instead of six).
+    Each program shrinks one token tile through one module's A and expands into one chunk of that module's
+    columns, so the rank-r intermediate never leaves registers; a module split over several chunks repeats its
+    shrink once per chunk. Small steps (decode) use 512-column chunks for enough programs; steps of more than
+    256 tokens use 4096 columns, since their token tiles already fill the GPU and a shrink costs them
+    hidden/columns of the expand's work.
+
+    Built once per layer and module group: the weights must be views of one buffer with one slot stride (as
+    the engine's slot buffers are), B out-major. Per call, only x and y are checked; anything else goes to the
+    general group (two launches a module through lora_apply), as does a step when the backend asked for is no
+    longer Triton."""
+
+    def __init__(self, lora_as, lora_bs, general, base, offsets):
+        self.general, self.base = general, base
+        a, b = lora_as[0], lora_bs[0]
+        self.slots, self.rank, self.in_features, self.dtype = a.shape[0], a.shape[1], a.shape[2], a.dtype
+        self.stride_ws, self.stride_ar, self.stride_bo = a.stride(0), a.stride(1), b.stride(1)
+        self.width = max(c.stop for c in general.columns)
+        self.rows = []  # per module: (a offset, b offset, first column in y, out features)
+        for (a_off, b_off), c in zip(offsets, general.columns):
+            self.rows.append((a_off, b_off, c.start, c.stop - c.start))
+        self._chunks: dict[int, torch.Tensor] = {}
+        self._tl = self._segments = None
+        self._triton = False
+
+    def chunks(self, columns: int) -> torch.Tensor:
+        """[chunks, 5] int64 on the device: a_off, b_off, y_col, begin, end per chunk of `columns` columns."""
+        table = self._chunks.get(columns)
+        if table is None:
+            rows = [(a_off, b_off, y_col, n, min(n + columns, out))
+                    for a_off, b_off, y_col, out in self.rows for n in range(0, out, columns)]
+            table = self._chunks[columns] = torch.tensor(rows, dtype=torch.int64, device=self.base.device)
+        return table
+
+    def __call__(self, x, token_lora, y):
+        if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
+            from kernels.dispatch import backend_for
+
+            self._tl = token_lora
+            self._triton = token_lora.dim() == 1 and backend_for(token_lora.device) == "triton"
+            self._segments = step_cache.cached("lora_segments", (token_lora,),
+                                               lambda: slot_segments(token_lora, self.slots), (self.slots,)) \
+                if self._triton else None
+        if not (self._triton and x.dtype is self.dtype and y.dtype is self.dtype and x.device == self.base.device
+                and y.device == x.device and x.dim() == 2 and y.dim() == 2 and x.stride(1) == 1 and y.stride(1) == 1
+                and x.shape[1] == self.in_features and x.shape[0] == y.shape[0] == token_lora.shape[0]
+                and y.shape[1] >= self.width):
+            return self.general(x, token_lora, y)
+        num_tokens = x.shape[0]
+        if num_tokens == 0:
+            return y
+        order, starts, counts = self._segments
+        on_gpu = x.device.type == "cuda"
+        table = self.chunks(_CHUNK_COLUMNS[num_tokens > 256])
+        block_m = _block_m(num_tokens, self.slots, on_gpu)
+        grid = (triton.cdiv(num_tokens, block_m), table.shape[0], self.slots)
+        _group_kernel[grid](x, self.base, y, order, starts, counts, table, self.in_features, self.rank,
+                            x.stride(0), self.stride_ws, self.stride_ar, self.stride_bo, y.stride(0),
+                            OFF64=needs_int64(x, y), DOT_PREC=dot_precision(self.dtype),
+                            **group_settings(block_m, self.rank, on_gpu))
+        return y
+
+
+def group_settings(block_m: int, rank: int, on_gpu: bool) -> dict:
+    """Tiles and warps of the group kernel: the rank-r intermediate and the shrink's x and A tiles share the
+    registers, so larger ranks take narrower K tiles and 8 warps (no spills on sm_90 up to rank 128, see
+    kernels.testing.gpu_compile_report)."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    block_k = (128 if block_r <= 32 else 64 if block_r <= 64 else 32) if on_gpu else 32
+    return dict(BLOCK_M=block_m, BLOCK_N=128 if on_gpu else 32, BLOCK_R=block_r, BLOCK_K=block_k,
+                num_warps=4 if block_m <= 16 and block_r <= 32 else 8)
+
+
+def group(lora_as, lora_bs, general):
+    """The Triton form of a LoRAGroup when its weights are views of one buffer with a shared slot stride and B
+    out-major (the engine's slot buffers on CUDA), else None (the general group)."""
+    cols = general.columns
+    if not lora_as or len(cols) != len(lora_as) or len(lora_bs) != len(lora_as):
+        return None
+    a0, b0 = lora_as[0], lora_bs[0]
+    if a0.dim() != 3 or not 0 < a0.shape[1] <= GROUP_MAX_RANK or a0.shape[0] == 0:
+        return None
+    storage = a0.untyped_storage().data_ptr()
+    for a, b, c in zip(lora_as, lora_bs, cols):
+        if (a.dim() != 3 or b.dim() != 3 or a.shape[:2] != a0.shape[:2] or a.shape[2] != a0.shape[2]
+                or b.shape[0] != a0.shape[0] or b.shape[2] != a0.shape[1]
+                or any(w.dtype is not a0.dtype or w.device != a0.device
+                       or w.untyped_storage().data_ptr() != storage for w in (a, b))
+                or a.stride()[:2] != a0.stride()[:2] or a.stride(2) != 1
+                or b.stride(0) != a0.stride(0) or b.stride(1) != b0.stride(1) or b.stride(2) != 1
+                or not isinstance(c, slice) or not isinstance(c.start, int) or c.step not in (None, 1)
+                or c.stop - c.start != b.shape[1]):
+            return None
+    base = min((*lora_as, *lora_bs), key=lambda w: w.data_ptr())
+    size = a0.element_size()
+    offsets = [((a.data_ptr() - base.data_ptr()) // size, (b.data_ptr() - base.data_ptr()) // size)
+               for a, b in zip(lora_as, lora_bs)]
+    return Group(lora_as, lora_bs, general, base, offsets)

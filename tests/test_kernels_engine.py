@@ -28,6 +28,8 @@ def engine_tokens(base, adapters, backend, device):
            "prefix": engine.generate(shared, params)}
     assert engine.stats()["prefix_cache_hits"] > 0
     assert engine.allocator.all_free()
+    groups = list(engine.lora._groups.values())
+    assert groups and all(isinstance(g, triton_module("lora").Group) == (backend == "triton") for g in groups)
     return {k: [o.outputs[0].token_ids for o in v] for k, v in out.items()}
 
 

@@ -251,3 +251,102 @@ def test_lora_apply_refuses_mismatched_module_lists():
         ref.lora_apply(x, [a, a], [b], torch.zeros(3, dtype=torch.int32), [torch.zeros(3, 6)])
     with pytest.raises(ValueError, match="do not fit"):
         ref.lora_apply(x, [a], [b], torch.zeros(3, dtype=torch.int32), [torch.zeros(3, 7)])
+
+
+def _slot_buffer_views(slots, r_max, h_in, outs, dtype, gen, device="cpu"):
+    """A, B views of one buffer in which each slot keeps every module's A and B side by side, B out-major: the
+    engine's slot layout on CUDA (serving/engine/lora.py); ranks 1..r_max per slot, zero-padded."""
+    width = sum(r_max * (h_in + o) for o in outs)
+    buf = torch.zeros(slots * width, dtype=dtype, device=device)
+    lora_as, lora_bs, offset = [], [], 0
+    for o in outs:
+        lora_as.append(buf.as_strided((slots, r_max, h_in), (width, h_in, 1), offset))
+        offset += r_max * h_in
+        lora_bs.append(buf.as_strided((slots, o, r_max), (width, r_max, 1), offset))
+        offset += r_max * o
+    for s in range(slots):
+        r = 1 + s % r_max
+        for a, b in zip(lora_as, lora_bs):
+            a[s, :r] = torch.randn(r, h_in, generator=gen) / h_in ** 0.5
+            b[s, :, :r] = torch.randn(b.shape[1], r, generator=gen) / r ** 0.5
+    return lora_as, lora_bs
+
+
+GROUP_STEPS = {
+    "decode-one-token-per-slot": [2, 0, 5, 1, 4, 3],
+    "decode-with-base-tokens": [1, -1, 4, 1, -1, 0],
+    "one-adapter-batch": [3] * 7,
+    "prefill-chunk-and-decodes": [2] * 37 + [0, 5, -1],  # a slot's tokens span several token tiles
+    "base-only": [-1] * 4,
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("step", list(GROUP_STEPS))
+def test_triton_group_one_launch_matches_reference(tri, monkeypatch, case, step):
+    """The engine's CUDA path: a bound group adds q/k/v's deltas into their columns of the fused output in one
+    launch, over the active slots and ranks only (as the engine binds them), with modules split into several
+    column chunks (chunk sizes shrunk to the interpreter's 32-wide tiles)."""
+    import kernels
+
+    device, dtype = case
+    monkeypatch.setattr(tri, "_CHUNK_COLUMNS", (32, 64))
+    gen = torch.Generator().manual_seed(31)
+    slots, r_max, h_in, outs = 6, 16, 40, (72, 24, 24)
+    lora_as, lora_bs = _slot_buffer_views(slots, r_max, h_in, outs, dtype, gen, device)
+    token_lora = torch.tensor(GROUP_STEPS[step], dtype=torch.int32)
+    n = max(GROUP_STEPS[step]) + 1 or 1
+    r = 8 if step == "one-adapter-batch" else r_max  # slot 3 has rank 4: the engine binds ranks :8 then
+    a, b = [w[:n, :r] for w in lora_as], [w[:n, :, :r] for w in lora_bs]
+    columns, col = [], 0
+    for o in outs:
+        columns.append(slice(col, col + o))
+        col += o
+    x = torch.randn(len(token_lora), h_in, generator=gen).to(dtype)
+    fused = torch.randn(len(token_lora), col, generator=gen).to(dtype)
+    expected = fused.float().clone()
+    ref.lora_apply(x.float(), [w.float().cpu() for w in a], [w.float().cpu() for w in b], token_lora,
+                   [expected[:, c] for c in columns])
+    kernels.set_backend("triton")
+    try:
+        group = kernels.lora_group(a, b, columns)
+        assert isinstance(group, tri.Group)
+        if step != "base-only":
+            assert group.chunks(32).shape[0] == 3 + 1 + 1  # q's 72 columns in three chunks, k and v in one
+        out = fused.to(device)
+        assert group(x.to(device), token_lora.to(device), out) is out
+    finally:
+        kernels.set_backend("auto")
+    atol, rtol = LORA_TOLERANCES[dtype]
+    torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=rtol)
+
+
+def test_triton_group_leaves_other_layouts_and_backends_to_the_general_path(tri, monkeypatch):
+    """Weights that are not views of one slot buffer bind the general group; a bound group whose backend is
+    switched to torch afterwards runs the reference from the next step (a new slot vector) on."""
+    import kernels
+
+    device, dtype = CASES[0]
+    gen = torch.Generator().manual_seed(32)
+    lora_as, lora_bs = _slot_buffer_views(4, 16, 40, (48, 16), dtype, gen, device)
+    columns = [slice(0, 48), slice(48, 64)]
+    x = torch.randn(5, 40, generator=gen).to(device, dtype)
+    token_lora = torch.tensor([3, -1, 0, 2, 3], dtype=torch.int32, device=device)
+    launches = []
+    monkeypatch.setattr(tri.Group, "chunks", lambda self, c, f=tri.Group.chunks: launches.append(c) or f(self, c))
+    kernels.set_backend("triton")
+    try:
+        assert not isinstance(kernels.lora_group([a.clone() for a in lora_as], [b.clone() for b in lora_bs],
+                                                 columns), tri.Group)  # separate tensors
+        group = kernels.lora_group(lora_as, lora_bs, columns)
+        y = torch.zeros(5, 64, dtype=dtype, device=device)
+        group(x, token_lora, y)
+        assert len(launches) == 1
+        kernels.set_backend("torch")
+        y2 = torch.zeros(5, 64, dtype=dtype, device=device)
+        group(x, token_lora.clone(), y2)
+        assert len(launches) == 1  # the general path ran
+        atol, rtol = LORA_TOLERANCES[dtype]
+        torch.testing.assert_close(y2.float(), y.float(), atol=atol, rtol=rtol)
+    finally:
+        kernels.set_backend("auto")
