@@ -26,6 +26,41 @@ def slot_segments(token_lora: torch.Tensor, num_slots: int):
 
 
 @triton.jit
+def _slot_rows(order_ptr, starts_ptr, slot, pid_m, count, BLOCK_M: tl.constexpr, OFF64: tl.constexpr):
+    """The token ids of this program's tile of its slot's tokens, and which of them are real."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < count
+    rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
+    if OFF64:
+        rows = rows.to(tl.int64)
+    return rows, mmask
+
+
+@triton.jit
+def _shrink_tile(x_ptr, a_rows, rows, mmask, rmask, hidden, stride_xt,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] fp32: x[rows] @ A^T, a_rows pointing at the first element of each of A's rows."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        kmask = (k0 + offs_k) < hidden
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + (k0 + offs_k)[None, :],
+                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(a_rows[None, :] + (k0 + offs_k)[:, None], mask=kmask[:, None] & rmask[None, :], other=0.0)
+        acc += tl.dot(x, a, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _add_into(y_ptr, rows, cols, mmask, nmask, stride_yt, acc):
+    """y[rows, cols] += acc, in y's dtype."""
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + cols[None, :]
+    ymask = mmask[:, None] & nmask[None, :]
+    y = tl.load(y_ptrs, mask=ymask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, starts_ptr, counts_ptr, scale_ptr, hidden, rank,
                    stride_xt, stride_as, stride_ar, stride_tt,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, OFF64: tl.constexpr,
@@ -35,22 +70,11 @@ def _shrink_kernel(x_ptr, a_ptr, t_ptr, order_ptr, starts_ptr, counts_ptr, scale
     slot = tl.program_id(2)
     count = tl.load(counts_ptr + slot)
     if pid_m * BLOCK_M < count:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mmask = offs_m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
-        if OFF64:
-            rows = rows.to(tl.int64)
+        rows, mmask = _slot_rows(order_ptr, starts_ptr, slot, pid_m, count, BLOCK_M, OFF64)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = offs_r < rank
-        offs_k = tl.arange(0, BLOCK_K)
-        a_base = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
-        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            kmask = (k0 + offs_k) < hidden
-            x = tl.load(x_ptr + rows[:, None] * stride_xt + (k0 + offs_k)[None, :],
-                        mask=mmask[:, None] & kmask[None, :], other=0.0)
-            a = tl.load(a_base + (k0 + offs_k)[:, None], mask=kmask[:, None] & rmask[None, :], other=0.0)
-            acc += tl.dot(x, a, input_precision=DOT_PREC)
+        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r * stride_ar
+        acc = _shrink_tile(x_ptr, a_rows, rows, mmask, rmask, hidden, stride_xt, BLOCK_M, BLOCK_R, BLOCK_K, DOT_PREC)
         acc *= tl.load(scale_ptr + slot)
         tl.store(t_ptr + rows[:, None] * stride_tt + offs_r[None, :], acc.to(t_ptr.dtype.element_ty),
                  mask=mmask[:, None] & rmask[None, :])
@@ -66,11 +90,7 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_f
     slot = tl.program_id(2)
     count = tl.load(counts_ptr + slot)
     if pid_m * BLOCK_M < count:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mmask = offs_m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
-        if OFF64:
-            rows = rows.to(tl.int64)
+        rows, mmask = _slot_rows(order_ptr, starts_ptr, slot, pid_m, count, BLOCK_M, OFF64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < out_features
         offs_r = tl.arange(0, BLOCK_R)
@@ -82,10 +102,7 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, out_f
                         mask=mmask[:, None] & rmask[None, :], other=0.0)
             b = tl.load(b_base + (r0 + offs_r)[:, None], mask=rmask[:, None] & nmask[None, :], other=0.0)
             acc += tl.dot(t.to(b.dtype), b, input_precision=DOT_PREC)
-        y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
-        ymask = mmask[:, None] & nmask[None, :]
-        y = tl.load(y_ptrs, mask=ymask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+        _add_into(y_ptr, rows, offs_n, mmask, nmask, stride_yt, acc)
 
 
 @triton.jit
@@ -102,26 +119,15 @@ def _group_kernel(x_ptr, w_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, chunk_
     slot = tl.program_id(2)
     count = tl.load(counts_ptr + slot)
     if pid_m * BLOCK_M < count:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mmask = offs_m < count
-        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mmask, other=0)
-        if OFF64:
-            rows = rows.to(tl.int64)
+        rows, mmask = _slot_rows(order_ptr, starts_ptr, slot, pid_m, count, BLOCK_M, OFF64)
         chunk = chunk_ptr + pid_c * 5
         a_off, b_off, y_col = tl.load(chunk), tl.load(chunk + 1), tl.load(chunk + 2)
         n_begin, n_end = tl.load(chunk + 3), tl.load(chunk + 4)
         w_slot = w_ptr + slot.to(tl.int64) * stride_ws
         offs_r = tl.arange(0, BLOCK_R)
         rmask = offs_r < rank
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            kmask = (k0 + offs_k) < hidden
-            x = tl.load(x_ptr + rows[:, None] * stride_xt + (k0 + offs_k)[None, :],
-                        mask=mmask[:, None] & kmask[None, :], other=0.0)
-            a = tl.load(w_slot + a_off + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None],
-                        mask=kmask[:, None] & rmask[None, :], other=0.0)
-            acc += tl.dot(x, a, input_precision=DOT_PREC)
+        acc = _shrink_tile(x_ptr, w_slot + a_off + offs_r * stride_ar, rows, mmask, rmask, hidden, stride_xt,
+                           BLOCK_M, BLOCK_R, BLOCK_K, DOT_PREC)
         t = acc.to(x_ptr.dtype.element_ty)  # rounded as the two-launch path stores it
         offs_n = tl.arange(0, BLOCK_N)
         for n0 in range(n_begin, n_end, BLOCK_N):
@@ -129,11 +135,8 @@ def _group_kernel(x_ptr, w_ptr, y_ptr, order_ptr, starts_ptr, counts_ptr, chunk_
             nmask = cols < n_end
             b = tl.load(w_slot + b_off + cols[None, :] * stride_bo + offs_r[:, None],
                         mask=rmask[:, None] & nmask[None, :], other=0.0)
-            y_ptrs = y_ptr + rows[:, None] * stride_yt + (y_col + cols)[None, :]
-            ymask = mmask[:, None] & nmask[None, :]
-            y = tl.load(y_ptrs, mask=ymask, other=0.0)
             d = tl.dot(t.to(b.dtype), b, input_precision=DOT_PREC)
-            tl.store(y_ptrs, (y.to(tl.float32) + d).to(y_ptr.dtype.element_ty), mask=ymask)
+            _add_into(y_ptr, rows, y_col + cols, mmask, nmask, stride_yt, d)
 
 
 def _block_m(num_tokens: int, num_slots: int, on_gpu: bool) -> int:
