@@ -116,12 +116,9 @@ class Group:
 
 
 def group(lora_as, lora_bs, general):
-    """The C form of a LoRAGroup where its weights suit the C kernel and it builds here, else None."""
-    cols = general.columns
-    if not lora_as or len(cols) != len(lora_as) or not cpu_native.available():
+    """The C form of a LoRAGroup (columns already checked by kernels.lora_group) where its weights suit the C
+    kernel and it builds here, else None."""
+    if len(lora_as) != len(lora_bs) or not cpu_native.available():
         return None
-    if any(not isinstance(c, slice) or not isinstance(c.start, int) or c.step not in (None, 1)
-           or c.stop - c.start != b.shape[1] for c, b in zip(cols, lora_bs)):
-        return None  # columns that are not plain ranges of the outputs' widths: the general path (or its errors)
     w = _Weights(lora_as, lora_bs)
     return Group(w, general) if w.fn is not None else None

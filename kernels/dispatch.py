@@ -191,8 +191,8 @@ def lora_group(lora_as, lora_bs, columns: list[slice]):
     (kernels.cpu_lora.Group); both send what they do not take to lora_apply. Groups are for repeated calls with
     the same weight views: binding checks and marshals them once."""
     general = LoRAGroup(lora_as, lora_bs, columns)
-    if not lora_as:
-        return general
+    if not lora_as or not _plain_columns(lora_bs, general.columns):
+        return general  # the general path (or its errors)
     if backend_for(lora_as[0].device) == "triton":
         return _impl("lora", lora_as[0].device).group(lora_as, lora_bs, general) or general
     if lora_as[0].is_cpu:
@@ -200,6 +200,14 @@ def lora_group(lora_as, lora_bs, columns: list[slice]):
 
         return cpu_lora.group(lora_as, lora_bs, general) or general
     return general
+
+
+def _plain_columns(lora_bs, columns) -> bool:
+    """One plain range of y's columns per module, as wide as its B's outputs: what the bound C and Triton forms
+    write into (they take y's row pointer and each module's first column)."""
+    return len(columns) == len(lora_bs) and all(
+        isinstance(c, slice) and isinstance(c.start, int) and c.step in (None, 1) and b.dim() == 3
+        and c.stop - c.start == b.shape[1] for c, b in zip(columns, lora_bs))
 
 
 def topk_scores(queries, keys, k, metric="ip"):

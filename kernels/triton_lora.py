@@ -25,6 +25,12 @@ def slot_segments(token_lora: torch.Tensor, num_slots: int):
     return order, starts, counts[1:num_slots + 1].to(torch.int32)
 
 
+def step_segments(token_lora: torch.Tensor, num_slots: int):
+    """slot_segments made once per step (kernels.step_cache) and shared by every module and layer."""
+    return step_cache.cached("lora_segments", (token_lora,), lambda: slot_segments(token_lora, num_slots),
+                             (num_slots,))
+
+
 @triton.jit
 def _slot_rows(order_ptr, starts_ptr, slot, pid_m, count, BLOCK_M: tl.constexpr, OFF64: tl.constexpr):
     """The token ids of this program's tile of its slot's tokens, and which of them are real."""
@@ -231,8 +237,7 @@ def lora_apply(x, lora_as, lora_bs, token_lora, ys, scale=1.0):
     if not lora_as or x.shape[0] == 0 or lora_as[0].shape[0] == 0:
         return ys
     num_slots = lora_as[0].shape[0]
-    segments = step_cache.cached("lora_segments", (token_lora,), lambda: slot_segments(token_lora, num_slots),
-                                 (num_slots,))
+    segments = step_segments(token_lora, num_slots)
     if isinstance(scale, torch.Tensor):
         scales = slot_scales(scale, num_slots, x.device)
     else:
@@ -292,9 +297,7 @@ class Group:
 
             self._tl = token_lora
             self._triton = token_lora.dim() == 1 and backend_for(token_lora.device) == "triton"
-            self._segments = step_cache.cached("lora_segments", (token_lora,),
-                                               lambda: slot_segments(token_lora, self.slots), (self.slots,)) \
-                if self._triton else None
+            self._segments = step_segments(token_lora, self.slots) if self._triton else None
         if not (self._triton and x.dtype is self.dtype and y.dtype is self.dtype and x.device == self.base.device
                 and y.device == x.device and x.dim() == 2 and y.dim() == 2 and x.stride(1) == 1 and y.stride(1) == 1
                 and x.shape[1] == self.in_features and x.shape[0] == y.shape[0] == token_lora.shape[0]
@@ -326,24 +329,21 @@ def group_settings(block_m: int, rank: int, on_gpu: bool) -> dict:
 
 
 def group(lora_as, lora_bs, general):
-    """The Triton form of a LoRAGroup when its weights are views of one buffer with a shared slot stride and B
-    out-major (the engine's slot buffers on CUDA), else None (the general group)."""
-    cols = general.columns
-    if not lora_as or len(cols) != len(lora_as) or len(lora_bs) != len(lora_as):
+    """The Triton form of a LoRAGroup (columns already checked by kernels.lora_group) when its weights are views
+    of one buffer with a shared slot stride and B out-major (the engine's slot buffers on CUDA), else None (the
+    general group)."""
+    if len(lora_bs) != len(lora_as):
         return None
     a0, b0 = lora_as[0], lora_bs[0]
     if a0.dim() != 3 or not 0 < a0.shape[1] <= GROUP_MAX_RANK or a0.shape[0] == 0:
         return None
     storage = a0.untyped_storage().data_ptr()
-    for a, b, c in zip(lora_as, lora_bs, cols):
-        if (a.dim() != 3 or b.dim() != 3 or a.shape[:2] != a0.shape[:2] or a.shape[2] != a0.shape[2]
-                or b.shape[0] != a0.shape[0] or b.shape[2] != a0.shape[1]
+    for a, b in zip(lora_as, lora_bs):
+        if (a.shape != a0.shape or b.dim() != 3 or b.shape[0] != a0.shape[0] or b.shape[2] != a0.shape[1]
                 or any(w.dtype is not a0.dtype or w.device != a0.device
                        or w.untyped_storage().data_ptr() != storage for w in (a, b))
                 or a.stride()[:2] != a0.stride()[:2] or a.stride(2) != 1
-                or b.stride(0) != a0.stride(0) or b.stride(1) != b0.stride(1) or b.stride(2) != 1
-                or not isinstance(c, slice) or not isinstance(c.start, int) or c.step not in (None, 1)
-                or c.stop - c.start != b.shape[1]):
+                or b.stride(0) != a0.stride(0) or b.stride(1) != b0.stride(1) or b.stride(2) != 1):
             return None
     base = min((*lora_as, *lora_bs), key=lambda w: w.data_ptr())
     size = a0.element_size()
