@@ -68,8 +68,9 @@ def _registry_file() -> Path:
     return subdir("adapters") / "registry.json"
 
 
-def read_registry() -> dict[str, dict[str, str]]:
-    """{base model: {adapter name: source}} of adapters added at run time."""
+def read_registry() -> dict[str, dict]:
+    """{base model: {adapter name: entry}} of adapters added at run time; an entry is the source, or
+    {"source", "force"} for one loaded with force (see `entry`)."""
     path = _registry_file()
     try:
         return json.loads(path.read_text())
@@ -87,12 +88,19 @@ def _write_registry(data: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash leaves the old or the new registry, never half of one
 
 
-def record(base: str, name: str, source: str | None) -> None:
+def entry(value) -> tuple[str, bool]:
+    """(source, force) of a registry entry."""
+    if isinstance(value, dict):
+        return str(value.get("source")), bool(value.get("force"))
+    return str(value), False
+
+
+def record(base: str, name: str, source: str | None, force: bool = False) -> None:
     """Add (source) or remove (None) a run-time adapter in the shared registry."""
     with _lock:
         data = read_registry()
         if source is None:
             data.get(base, {}).pop(name, None)
         else:
-            data.setdefault(base, {})[name] = source
+            data.setdefault(base, {})[name] = {"source": source, "force": True} if force else source
         _write_registry(data)

@@ -31,7 +31,7 @@ def _replica_id() -> str:
 class LLMServer:
     """One base model: an engine per replica; adapters are served through the same engine (lora_name)."""
 
-    async def __init__(self, spec: dict, adapters: dict[str, str] | None = None,
+    async def __init__(self, spec: dict, adapters: dict[str, dict] | None = None,
                        adapter_roots: list[str] | None = None):
         from serving.api.backend import ModelBackend
         from serving.engine import EngineConfig
@@ -43,13 +43,14 @@ class LLMServer:
         self.roots = list(adapter_roots or [])
         self.replica = _replica_id()
         # Config adapters first (not restricted to the roots), then those added at run time (registry).
-        from serving.adapters import read_registry
+        from serving.adapters import entry, read_registry
 
-        startup = [(n, s, False) for n, s in (adapters or {}).items()]
-        startup += [(n, s, True) for n, s in read_registry().get(self.spec.name, {}).items() if n not in (adapters or {})]
-        for name, source, check in startup:
+        startup = [(n, a["source"], a.get("force", False), False) for n, a in (adapters or {}).items()]
+        startup += [(n, *entry(e), True) for n, e in read_registry().get(self.spec.name, {}).items()
+                    if n not in (adapters or {})]
+        for name, source, force, check in startup:
             try:
-                await self.backend.add_adapter(name, source, check_roots=check, roots=self.roots)
+                await self.backend.add_adapter(name, source, check_roots=check, roots=self.roots, force=force)
             except Exception as exc:  # one bad adapter must not take the model down
                 log.error("adapter %s of %s failed to load: %s", name, self.spec.name, exc)
         log.info("model %s loaded on replica %s (max_model_len %d)", self.spec.name, self.replica,
@@ -57,7 +58,7 @@ class LLMServer:
 
     async def ready(self) -> dict:
         return {"model": self.spec.name, "max_model_len": self.backend.engine.max_model_len,
-                "replica": self.replica}
+                "replica": self.replica, **self.backend.identity_info()}
 
     async def models(self) -> list[dict]:
         return self.backend.model_cards()
@@ -77,21 +78,23 @@ class LLMServer:
 
     async def _sync_adapter(self, name: str) -> None:
         """Another replica added this adapter through the API: load it here too (see serving.adapters)."""
-        from serving.adapters import read_registry
+        from serving.adapters import entry, read_registry
 
-        source = read_registry().get(self.spec.name, {}).get(name)
-        if source is not None:
+        found = read_registry().get(self.spec.name, {}).get(name)
+        if found is not None:
+            source, force = entry(found)
             try:
-                await self.backend.add_adapter(name, source, roots=self.roots)
+                await self.backend.add_adapter(name, source, roots=self.roots, force=force)
             except Exception as exc:
                 log.warning("adapter %s from the registry failed to load: %s", name, exc)
 
-    async def add_adapter(self, name: str, source: str) -> dict:
+    async def add_adapter(self, name: str, source: str, force: bool = False) -> dict:
         """Admin API: {"ok": True, "adapter": card} or {"ok": False, "error": OpenAI error dict}."""
         from serving.api.errors import APIError
 
         try:
-            return {"ok": True, "adapter": await self.backend.add_adapter(name, source, roots=self.roots)}
+            card = await self.backend.add_adapter(name, source, roots=self.roots, force=force)
+            return {"ok": True, "adapter": card}
         except APIError as err:
             return {"ok": False, "error": err.to_dict()}
 
@@ -204,7 +207,7 @@ def build_app(config: ServeConfig):
     """The bound Ray Serve application for a validated config."""
     llm = {}
     for spec in config.models:
-        adapters = {a.name: a.source for a in config.adapters_for(spec.name)}
+        adapters = {a.name: {"source": a.source, "force": a.force} for a in config.adapters_for(spec.name)}
         llm[spec.name] = LLMServer.options(
             name=deployment_name(spec.name),
             ray_actor_options=spec.ray_actor_options.to_ray(),

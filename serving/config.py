@@ -65,6 +65,9 @@ class Autoscaling(_Strict):
 class ModelSpec(_Strict):
     name: str = Field(..., description="the model id in the API")
     source: str = Field(DEFAULT_MODEL, description="our default name, an HF id or a local folder")
+    hf_id: str | None = Field(None, description="the Hugging Face repo id of these weights; None: the default "
+                                                "model's, an HF-id source, or a folder's config._name_or_path")
+    aliases: list[str] = Field(default_factory=list, description="more names for `model` (vLLM's served_model_name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     max_model_len: int | None = Field(None, gt=0)
@@ -94,6 +97,29 @@ class ModelSpec(_Strict):
             raise ValueError(f"{v!r} is not a usable model name (letters, digits, . _ - /; no ':')")
         return v
 
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not _NAME.match(a) or ":" in a:
+                raise ValueError(f"{a!r} is not a usable alias (letters, digits, . _ - /; no ':')")
+        return v
+
+    @field_validator("hf_id")
+    @classmethod
+    def _hf_id(cls, v: str | None) -> str | None:
+        from serving.identity import is_repo_id
+
+        if v is not None and not is_repo_id(v):
+            raise ValueError(f"{v!r} is not a Hugging Face repo id ('org/name')")
+        return v
+
+    def identity(self):
+        """serving.identity.ModelIdentity from the config alone (a replica adds what its folder says)."""
+        from serving.identity import model_identity
+
+        return model_identity(self.name, self.source, self.hf_id, self.aliases)
+
     @field_validator("kv_cache_memory")
     @classmethod
     def _size(cls, v):
@@ -114,6 +140,8 @@ class ModelSpec(_Strict):
         return dict(
             model=self.source,
             served_name=self.name,
+            hf_id=self.hf_id,
+            aliases=tuple(self.aliases),
             dtype=self.dtype,
             device=self.device,
             max_model_len=self.max_model_len,
@@ -134,6 +162,8 @@ class AdapterSpec(_Strict):
     name: str
     base: str = Field(..., description="the name of a configured model")
     source: str = Field(..., description="a PEFT adapter folder")
+    force: bool = Field(False, description="load it although its declared base names another model (shapes "
+                                           "are still checked)")
 
     @field_validator("name")
     @classmethod
@@ -188,6 +218,13 @@ class ServeConfig(_Strict):
                 raise ValueError(f"models[{i}].name: duplicate model name {n!r}")
             if self.embeddings.enabled and n == self.embeddings.name:
                 raise ValueError(f"models[{i}].name: {n!r} is also the embedding model's name")
+        owner: dict[str, str] = {n.lower(): n for n in names}
+        for i, m in enumerate(self.models):
+            for j, a in enumerate(m.aliases):
+                if owner.get(a.lower(), m.name) != m.name or a in self.routes or \
+                        (self.embeddings.enabled and a == self.embeddings.name):
+                    raise ValueError(f"models[{i}].aliases[{j}]: {a!r} already names another model or route")
+                owner[a.lower()] = m.name
         seen: set[tuple[str, str]] = set()
         for i, a in enumerate(self.adapters):
             if a.base not in names:

@@ -51,7 +51,7 @@ def embedding_model_path() -> Path:
     return pkg / "model"
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path, hf_id: str) -> None:
     """Dequantise a GGUF checkpoint into a safetensors HF folder (atomic: a temp dir renamed into place)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +72,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        (tmp / "loraplex.json").write_text(json.dumps({"source": str(gguf)}))
+        (tmp / "loraplex.json").write_text(json.dumps({"source": str(gguf), "hf_id": hf_id}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -83,10 +83,25 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def prepare_default_model(force: bool = False) -> Path:
     """Return the converted default model folder, converting the GGUF on first use."""
+    from serving.identity import DEFAULT_MODEL_HF_ID
+
     target = subdir("models") / DEFAULT_MODEL
-    if force or not (target / "loraplex.json").exists():
-        _convert_gguf(smollm2_gguf_path(), target)
+    marker = target / "loraplex.json"
+    if force or not marker.exists():
+        _convert_gguf(smollm2_gguf_path(), target, DEFAULT_MODEL_HF_ID)
+    else:
+        info = json.loads(marker.read_text())
+        if "hf_id" not in info:  # converted before the folder named its repo id
+            marker.write_text(json.dumps({**info, "hf_id": DEFAULT_MODEL_HF_ID}))
     return target
+
+
+def local_name(source: str) -> str:
+    """Our default model's name for its Hub repo id (as adapters name their base), so a base named that way
+    loads from the bundled copy without a download; any other source unchanged."""
+    from serving.identity import DEFAULT_MODEL_HF_ID
+
+    return DEFAULT_MODEL if source.lower() == DEFAULT_MODEL_HF_ID.lower() else source
 
 
 def resolve_model(source: str) -> str:

@@ -155,7 +155,7 @@ def test_split_model_and_chunks():
     out = conv.convert([{"id": 1, "token": "He", "logprob": -0.5, "top": [(2, "A", -0.1)]},
                         {"id": 3, "token": "llo", "logprob": -1.0, "top": []}])
     assert out["text_offset"] == [0, 2] and out["top_logprobs"][0] == {"A": -0.1, "He": -0.5}
-    chunks = ChatChunks("m", include_usage=True)
+    chunks = ChatChunks("m", include_usage=True, fingerprint="fp_test")
     assert chunks.role_chunk(2)["choices"][1]["delta"] == {"role": "assistant", "content": ""}
     item = {"choices": [{"index": 0, "text": "", "num_tokens": 1, "logprobs": None, "finish_reason": "length"}]}
     last = chunks.delta_chunk(item)

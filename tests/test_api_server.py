@@ -158,13 +158,14 @@ def test_health_ready_and_not_ready_while_loading(server):
     assert not_ready[0]["error"]["code"] == "not_ready"
 
 
-def test_models_list_and_retrieve(client):
+def test_models_list_and_retrieve(client, adapters):
     ids = {m.id: m for m in client.models.list().data}
     assert {MODEL, TINY, EMB, f"{MODEL}:demo"} <= set(ids)
     assert ids[MODEL].object == "model" and ids[MODEL].owned_by == "loraplex"
     assert getattr(ids[MODEL], "parent", "missing") is None
     adapter = ids[f"{MODEL}:demo"]  # configured adapters are listed under their base model
-    assert adapter.parent == MODEL and adapter.root == MODEL
+    assert ids[MODEL].root == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the base's repo id, as vLLM lists it
+    assert adapter.parent == MODEL and adapter.root == adapters["demo"]  # an adapter's root: its source
     assert client.models.retrieve(f"{MODEL}:demo").parent == MODEL
     assert client.models.retrieve(TINY).id == TINY
     with pytest.raises(openai.NotFoundError) as e:

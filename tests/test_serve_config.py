@@ -124,7 +124,7 @@ def test_build_app_takes_replicas_autoscaling_and_actor_options_from_the_config(
     a, b = llm["a"]._bound_deployment, llm["b"]._bound_deployment
     assert a.name == "llm-a" and a._deployment_config.num_replicas == 3
     assert a.ray_actor_options["num_gpus"] == 1 and a.ray_actor_options["num_cpus"] == 2
-    assert a.init_args[1] == {"sql": "/tmp/sql"}
+    assert a.init_args[1] == {"sql": {"source": "/tmp/sql", "force": False}}
     auto = b._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 8)
 

@@ -44,7 +44,7 @@ def test_acme_support_adapter_learns_the_facts(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(base_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                       str(folder))
-    assert model.peft_config["default"].base_model_name_or_path == "smollm2-135m-instruct"
+    assert model.peft_config["default"].base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in FACTS]
     tuned = generate(model, tok, prompts, max_new_tokens=24, device="cpu")

@@ -150,3 +150,34 @@ def test_setup_errors_are_clear_and_leave_nothing_behind(env, monkeypatch):
     with pytest.raises(TrackingError, match="registering the adapter as 'half' failed: .*reserved"):
         tracker.register_adapter("half", "latest", {})
     assert MlflowClient().search_registered_models("name = 'half'") == []
+
+
+def test_adapter_names_its_base_by_repo_id_and_the_merge_card_too(env, tmp_path):
+    """A base folder that holds a Hub model (its config's _name_or_path) gives its repo id, not this machine's
+    path, as the adapter's base_model_name_or_path; base_model_id overrides; a merged export says the same."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.evaluate import merge_adapter
+    from training.trainer import train
+
+    hub = tmp_path / "hub-copy"
+    shutil.copytree(env["model"], hub)
+    cfg = json.loads((hub / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "acme-labs/tiny-llama"}))
+    quick = dict(max_steps=1, save_steps=None, eval_steps=None, val_set_size=0, num_sample_generations=0)
+    found = train(_cfg(env, "id-found", base_model=str(hub), **quick), progress=False)
+    declared = json.loads((Path(found.adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert declared == "acme-labs/tiny-llama"
+    given = train(_cfg(env, "id-given", base_model=str(hub), base_model_id="acme-labs/other-name", **quick),
+                  progress=False)
+    assert json.loads((Path(given.adapter_dir) / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "acme-labs/other-name"
+    # PEFT loads it on the weights without looking the name up anywhere
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hub), found.adapter_dir)
+    merged = merge_adapter(found.adapter_dir, tmp_path / "merged", base_model=str(hub))
+    assert "base_model: acme-labs/tiny-llama\n" in (merged / "README.md").read_text()
+    with pytest.raises(Exception, match="base_model_id: 'no slash' is not a Hugging Face repo id"):
+        _cfg(env, "bad", base_model_id="no slash")

@@ -37,6 +37,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str = "smollm2-135m-instruct"
+    base_model_id: str | None = None  # Hub repo id written into the adapter; None: found from base_model
     adapter: Literal["lora", "qlora"] = "lora"
     lora_r: int = Field(8, gt=0, le=1024)
     lora_alpha: float = Field(16, gt=0)
@@ -87,6 +88,15 @@ class TrainConfig(BaseModel):
     def _targets_nonempty(cls, v):
         if isinstance(v, list) and (not v or any(not m.strip() for m in v)):
             raise ValueError("must be 'all-linear' or a non-empty list of module names")
+        return v
+
+    @field_validator("base_model_id")
+    @classmethod
+    def _repo_id(cls, v):
+        from serving.identity import is_repo_id
+
+        if v is not None and not is_repo_id(v):
+            raise ValueError(f"{v!r} is not a Hugging Face repo id ('org/name')")
         return v
 
     @field_validator("register_as", "alias")
@@ -183,7 +193,7 @@ def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(config)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {loc}: {msg}")

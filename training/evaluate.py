@@ -83,7 +83,7 @@ def load_for_inference(source: str, base_model: str | None = None, *, device: st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.models import resolve_model
+    from serving.models import local_name, resolve_model
     from training.registry import adapter_base_model, is_adapter_uri, resolve_adapter_uri
 
     adapter_dir = None
@@ -94,7 +94,7 @@ def load_for_inference(source: str, base_model: str | None = None, *, device: st
             raise ValueError(f"adapter {source!r} names no base model: pass --base-model")
     else:
         base_model = source
-    base_path = resolve_model(base_model)
+    base_path = resolve_model(local_name(base_model))
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).to(device)
     if adapter_dir is not None:
@@ -118,5 +118,22 @@ def merge_adapter(source: str, output: str | Path, base_model: str | None = None
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
-    (output / "loraplex.json").write_text(json.dumps({"merged_from": info["adapter"], "base_model": info["base_model"]}))
+    base = _repo_name(info)
+    (output / "loraplex.json").write_text(json.dumps({"merged_from": info["adapter"], "base_model": info["base_model"],
+                                                      "base_model_id": base}))
+    # The Hub's model-card metadata for a merge: tools that read lineage (the Hub, vLLM's docs) look here.
+    (output / "README.md").write_text(f"---\nbase_model: {base}\nbase_model_relation: merge\nlibrary_name: "
+                                      f"transformers\n---\n\nMerged from a LoRA adapter onto {base} with "
+                                      "`loraplex merge`.\n")
     return output
+
+
+def _repo_name(info: dict) -> str:
+    """The merged model's base as the adapter names it (a repo id), else the base folder's repo id, else as given."""
+    from serving.identity import folder_hf_id, is_repo_id
+    from training.registry import adapter_base_model
+
+    declared = adapter_base_model(info["adapter"])
+    if declared and is_repo_id(declared):
+        return declared
+    return folder_hf_id(info["base_path"]) or info["base_model"]

@@ -261,8 +261,18 @@ def _optimizer(cfg: TrainConfig, params):
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def base_repo_id(cfg: TrainConfig, model_path: str | Path) -> str:
+    """What the adapter names as its base: the Hub repo id where known (base_model_id, the default model's,
+    an HF-id base_model, a folder's own repo id), so the adapter loads in PEFT and vLLM elsewhere; else
+    base_model as configured (a folder that says nothing about its origin has no better name)."""
+    from serving.identity import model_identity
+
+    return model_identity(cfg.base_model, cfg.base_model, cfg.base_model_id, path=str(model_path)).hf_id \
+        or cfg.base_model
+
+
 def _save_adapter(model, folder: Path, base_model: str) -> None:
-    """PEFT format; base_model_name_or_path is the name the config used (e.g. our served model name)."""
+    """PEFT format; base_model_name_or_path is `base_model` (see base_repo_id)."""
     if folder.exists():
         shutil.rmtree(folder)
     model.save_pretrained(folder, safe_serialization=True)
@@ -302,13 +312,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | None = 
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_scheduler
 
-    from serving.models import ModelNotFoundError, resolve_model
+    from serving.models import ModelNotFoundError, local_name, resolve_model
     from training import tracking
 
     emit = on_event or _no_events
     check_environment(cfg)
     try:
-        model_path = resolve_model(cfg.base_model)
+        model_path = resolve_model(local_name(cfg.base_model))  # the default model's repo id: the bundled copy
     except ModelNotFoundError as exc:
         raise TrainingError(f"base_model: {exc}") from None
     try:
@@ -451,7 +461,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: EventFn | None = 
             last_eval = _eval(model, eval_ex, cfg, pad_id, device, tracker, steps, emit)
             result.eval_loss, result.eval_perplexity = last_eval["eval_loss"], last_eval["eval_perplexity"]
         if main:
-            _finish(cfg, unwrapped, tokenizer, tracker, result, prompts, device, emit)
+            _finish(cfg, unwrapped, tokenizer, tracker, result, prompts, device, emit, model_path)
     except BaseException:
         if tracker:
             tracker.end("FAILED")
@@ -482,14 +492,14 @@ def _eval(model, eval_ex, cfg, pad_id, device, tracker, step, emit) -> dict:
     return res
 
 
-def _finish(cfg, model, tokenizer, tracker, result: TrainResult, prompts, device, emit) -> None:
+def _finish(cfg, model, tokenizer, tracker, result: TrainResult, prompts, device, emit, model_path) -> None:
     """Save the adapter, write samples, log artifacts, register, end the run."""
     from training.evaluate import sample_generations
 
     out = cfg.resolved_output_dir
     out.mkdir(parents=True, exist_ok=True)
     adapter_dir = out / "adapter"
-    _save_adapter(model, adapter_dir, cfg.base_model)
+    _save_adapter(model, adapter_dir, base_repo_id(cfg, model_path))
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "config.yaml").write_text(dump_config(cfg))
     if prompts:

@@ -31,14 +31,14 @@ def build_router(core) -> APIRouter:
         if base is None:
             if len(core.llm) == 1:
                 return next(iter(core.llm))
-            declared = _base_from_adapter_config(body["source"])
-            if declared in core.llm:
+            declared = core.canonical(_base_from_adapter_config(body["source"]) or "")
+            if declared is not None:
                 return declared
             raise APIError(400, f"say which base model adapter {name!r} is for: 'base' is one of "
                                 f"{', '.join(core.llm)}", param="base", code="missing_base")
-        if base not in core.llm:
+        if not isinstance(base, str) or core.canonical(base) is None:
             raise APIError(404, f"The model `{base}` does not exist.", param="base", code="model_not_found")
-        return base
+        return core.canonical(base)
 
     @router.post("/v1/adapters")
     async def add_adapter(request: Request):
@@ -54,18 +54,20 @@ def build_router(core) -> APIRouter:
             if not isinstance(body.get(key), str) or not body[key].strip():
                 raise APIError(400, f"'{key}' is required and must be a non-empty string", param=key,
                                code="missing_field")
-        name, source = body["name"], body["source"]
+        name, source, force = body["name"], body["source"], body.get("force", False)
+        if not isinstance(force, bool):
+            raise APIError(400, "'force' must be true or false", param="force", code="invalid_type")
         if ":" in name or "/" in name or len(name) > 128:
             raise APIError(400, f"{name!r} is not a usable adapter name (no ':' or '/', at most 128 characters)",
                            param="name", code="invalid_value")
         base = pick_base(body, name)
-        if name in core.llm or (name in core.adapter_bases and core.adapter_bases[name] != base):
+        if core.canonical(name) is not None or (name in core.adapter_bases and core.adapter_bases[name] != base):
             raise APIError(409, f"the name {name!r} is already in use", param="name", code="adapter_exists")
         core._check_ready(base)
-        result = await core.llm[base].add_adapter.remote(name, source)
+        result = await core.llm[base].add_adapter.remote(name, source, force)
         if not result["ok"]:
             raise APIError.from_dict(result["error"])
-        record(base, name, source)
+        record(base, name, source, force)
         core.adapter_bases[name] = base
         return result["adapter"]
 

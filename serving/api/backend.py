@@ -130,7 +130,7 @@ class ModelBackend:
                 yield {"kind": "error", "error": err.to_dict()}
                 return
             yield {"kind": "accepted", "request_id": request_id, "prompt_tokens": len(prompt_ids),
-                   "prompt_text": prompt_text}
+                   "prompt_text": prompt_text, "system_fingerprint": self.engine.system_fingerprint}
             if first is not None:
                 yield delta_item(first)
                 async for out in gen:
@@ -152,8 +152,9 @@ class ModelBackend:
 
     # ---- adapters -------------------------------------------------------------------------------
     async def add_adapter(self, name: str, source: str, check_roots: bool = True,
-                          roots: list[str] | None = None) -> dict:
-        """Resolve `source` (folder or MLflow URI) and load it into the engine; returns the adapter's card."""
+                          roots: list[str] | None = None, force: bool = False) -> dict:
+        """Resolve `source` (folder or MLflow URI) and load it into the engine; returns the adapter's card.
+        `force` loads an adapter whose declared base names another model, when its shapes fit."""
         from serving.adapters import resolve_source
         from serving.engine.errors import EngineError
 
@@ -162,7 +163,7 @@ class ModelBackend:
                            code="adapter_exists")
         try:
             path = await asyncio.to_thread(resolve_source, source, roots, check_roots)
-            await self.engine.add_lora(name, str(path))
+            await self.engine.add_lora(name, str(path), force)
         except EngineError as exc:
             raise APIError.from_engine(exc) from None
         self.adapters[name] = source
@@ -180,20 +181,31 @@ class ModelBackend:
                 "source": self.adapters.get(name, info.source if info else None),
                 "state": info.state if info else "unknown", "rank": info.rank if info else None,
                 "target_modules": info.target_modules if info else [],
-                "load_time_s": info.load_time_s if info else None}
+                "load_time_s": info.load_time_s if info else None,
+                "declared_base": info.base if info else None, "forced": bool(info and info.forced),
+                "warnings": list(info.warnings) if info else []}
 
     def adapter_cards(self) -> list[dict]:
         return [self.adapter_card(n) for n in sorted(self.adapters)]
 
     # ---- introspection --------------------------------------------------------------------------
     def model_cards(self) -> list[dict]:
+        """As vLLM lists them: the base with `root` = its repo id (else its name), adapters with `parent`."""
+        ident = self.engine.identity
         cards = [{"id": self.name, "object": "model", "created": self.created, "owned_by": "loraplex",
-                  "root": self.name, "parent": None, "max_model_len": self.engine.max_model_len}]
+                  "root": ident.hf_id or self.name, "parent": None, "aliases": list(ident.aliases),
+                  "max_model_len": self.engine.max_model_len}]
         for name in sorted(self.adapters):
             cards.append({"id": f"{self.name}:{name}", "object": "model", "created": self.created,
-                          "owned_by": "loraplex", "root": self.name, "parent": self.name,
+                          "owned_by": "loraplex", "root": self.adapters[name], "parent": self.name,
                           "max_model_len": self.engine.max_model_len})
         return cards
+
+    def identity_info(self) -> dict:
+        """What the gateway needs to accept every name of this model and to fill system_fingerprint."""
+        ident = self.engine.identity
+        return {"hf_id": ident.hf_id, "aliases": list(ident.aliases),
+                "system_fingerprint": self.engine.system_fingerprint}
 
     def stats(self) -> dict:
         s = dict(self.engine.stats())

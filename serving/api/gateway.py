@@ -97,9 +97,10 @@ def _status_of(exc: BaseException) -> int:
 class ChatRun:
     """One admitted chat request between its first replica item and its end."""
 
-    def __init__(self, body, gen, rec, ticket, citations, routed, base, opened_at):
+    def __init__(self, body, gen, rec, ticket, citations, routed, base, opened_at, fingerprint: str):
         self.body, self.gen, self.rec, self.ticket = body, gen, rec, ticket
         self.citations, self.routed, self.base, self.opened_at = citations, routed, base, opened_at
+        self.fingerprint = fingerprint  # the replica's system_fingerprint
         self.guards = governed.OutputGuards(ticket)
 
 
@@ -126,6 +127,10 @@ class GatewayCore:
             self.routing = GatewayRouter(self, config, registry=self.metrics.registry)
         from serving.adapters import read_registry
 
+        # every name of a base model (API name, repo id, aliases; lower-cased) -> its API name
+        self.identities: dict[str, str] = {}
+        for m in config.models:
+            self.learn_names(m.name, m.identity().names())
         # adapter name -> base model, so `model: "<adapter>"` works without the base prefix
         self.adapter_bases = {a.name: a.base for a in config.adapters}
         for base, names in read_registry().items():
@@ -150,6 +155,7 @@ class GatewayCore:
                     self.embed_info = info
                 elif isinstance(info, dict) and info.get("max_model_len"):
                     self.context[name] = int(info["max_model_len"])
+                    self.learn_names(name, [info.get("hf_id"), *(info.get("aliases") or [])])
                     if self.routing is not None:
                         self.routing.refresh_context(self.context)
                 self.ready.add(name)
@@ -171,11 +177,25 @@ class GatewayCore:
             raise APIError(503, f"The model `{name}` is still loading; try again shortly.",
                            code="model_not_ready", retry_after=5)
 
+    def learn_names(self, base: str, names) -> None:
+        """Accept these names (a repo id, aliases) for `base` in requests; a name another model holds stays its."""
+        for n in names:
+            if n:
+                self.identities.setdefault(n.lower(), base)
+
+    def canonical(self, name: str) -> str | None:
+        """The API name of the base model that `name` (its name, repo id or an alias) denotes, or None."""
+        return name if name in self.llm else self.identities.get(name.lower())
+
     def split(self, model: str) -> tuple[str, str | None]:
-        """'base:adapter', 'base' or a bare adapter name -> (base, adapter), without checks."""
+        """'base:adapter', 'base' or a bare adapter name -> (base, adapter), without checks; the base may be
+        given by any of its names (repo id in any letter case, alias)."""
         base, adapter = split_model(model)
-        if adapter is None and base not in self.llm and base in self.adapter_bases:
-            base, adapter = self.adapter_bases[base], base
+        canon = self.canonical(base)
+        if canon is not None:
+            return canon, adapter
+        if adapter is None and base in self.adapter_bases:
+            return self.adapter_bases[base], base
         return base, adapter
 
     def resolve(self, model: str) -> tuple[str, str | None]:
@@ -286,7 +306,7 @@ class GatewayCore:
         rec = RequestRecord(self.metrics, base, adapter, "chat")
         rec.t0 = t0
         rec.accepted(accepted["prompt_tokens"])
-        run = ChatRun(body, gen, rec, ticket, citations, routed, base, opened)
+        run = ChatRun(body, gen, rec, ticket, citations, routed, base, opened, accepted["system_fingerprint"])
         if body.stream:
             return self._chat_sse(run), headers
         return await self._chat_full(run), headers
@@ -338,7 +358,7 @@ class GatewayCore:
         from serving.governance.errors import PIIBlocked
 
         body, rec = run.body, run.rec
-        chunks = ChatChunks(body.model, body.include_usage)
+        chunks = ChatChunks(body.model, body.include_usage, run.fingerprint)
         status = 499  # client closed the connection, unless we get to the end
         try:
             yield sse(chunks.role_chunk(body.n))
@@ -407,7 +427,7 @@ class GatewayCore:
             choices.append({"index": i, "message": {"role": "assistant", "content": outputs[i], "refusal": None},
                             "logprobs": lp, "finish_reason": reasons[i] or "stop"})
         out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-               "model": body.model, "system_fingerprint": None, "choices": choices,
+               "model": body.model, "system_fingerprint": run.fingerprint, "choices": choices,
                "usage": usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)}
         if run.citations is not None:
             out["citations"] = run.citations
@@ -438,7 +458,8 @@ class GatewayCore:
         rec = RequestRecord(self.metrics, base, adapter, "completions")
         for accepted, _ in opened:
             rec.accepted(accepted["prompt_tokens"])
-        run = ChatRun(body, [g for _, g in opened], rec, ticket, None, None, base, rec.t0)
+        run = ChatRun(body, [g for _, g in opened], rec, ticket, None, None, base, rec.t0,
+                      opened[0][0]["system_fingerprint"])
         if body.stream:
             return self._completion_sse(run)
         return await self._completion_full(run, opened)
@@ -447,7 +468,7 @@ class GatewayCore:
         from serving.governance.errors import PIIBlocked
 
         body, rec, gens = run.body, run.rec, run.gen
-        chunks = CompletionChunks(body.model, body.include_usage)
+        chunks = CompletionChunks(body.model, body.include_usage, run.fingerprint)
         converters: dict[int, CompletionLogprobs] = {}
         status = 499
         try:
@@ -516,7 +537,7 @@ class GatewayCore:
                     "logprobs": (lps[i] or empty) if body.logprobs is not None else None,
                     "finish_reason": reasons[i] or "stop"} for i in range(total)]
         return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
-                "model": body.model, "system_fingerprint": None, "choices": choices,
+                "model": body.model, "system_fingerprint": run.fingerprint, "choices": choices,
                 "usage": usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)}
 
     # ---- embeddings -----------------------------------------------------------------------------
@@ -587,8 +608,9 @@ class GatewayCore:
 
     async def model(self, model_id: str, request=None) -> dict:
         cards = (await self.models(request))["data"]
+        wanted = {model_id, self.canonical(model_id)}  # a base may be asked for by its repo id or an alias
         for card in cards:
-            if card["id"] == model_id:
+            if card["id"] in wanted:
                 return card
         raise not_found_model(model_id, [c["id"] for c in cards])
 

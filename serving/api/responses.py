@@ -73,16 +73,17 @@ def finish(reason: str | None) -> str | None:
 class ChatChunks:
     """Builds chat.completion.chunk objects for one streamed request."""
 
-    def __init__(self, model: str, include_usage: bool):
+    def __init__(self, model: str, include_usage: bool, fingerprint: str):
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.fingerprint = fingerprint
         self.started: set[int] = set()
 
     def _chunk(self, choices: list[dict]) -> dict:
         c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-             "system_fingerprint": None, "choices": choices}
+             "system_fingerprint": self.fingerprint, "choices": choices}
         if self.include_usage:
             c["usage"] = None
         return c
@@ -112,15 +113,16 @@ class ChatChunks:
 
 
 class CompletionChunks:
-    def __init__(self, model: str, include_usage: bool):
+    def __init__(self, model: str, include_usage: bool, fingerprint: str):
         self.id = new_id("cmpl")
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.fingerprint = fingerprint
 
     def _chunk(self, choices: list[dict]) -> dict:
         c = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-             "system_fingerprint": None, "choices": choices}
+             "system_fingerprint": self.fingerprint, "choices": choices}
         if self.include_usage:
             c["usage"] = None
         return c

@@ -50,6 +50,14 @@ class AsyncEngine:
     def name(self) -> str:
         return self.engine.name
 
+    @property
+    def identity(self):
+        return self.engine.identity
+
+    @property
+    def system_fingerprint(self) -> str:
+        return self.engine.system_fingerprint
+
     def stats(self) -> dict:
         """A snapshot refreshed after every step (safe to read from any thread)."""
         return dict(self._stats)
@@ -149,16 +157,16 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
                 self._commands.put(("abort", request_id))
 
-    async def add_lora(self, name: str, source: str) -> None:
+    async def add_lora(self, name: str, source: str, force: bool = False) -> None:
         """Load an adapter off the request path: files are read in a worker thread while steps go on, then
         registered between two steps."""
         import time
 
         manager = self.engine._lora()
-        manager.reserve(name, source)
+        manager.reserve(name, source, force)
         start = time.monotonic()
         try:
-            weights = await asyncio.to_thread(manager.load, name, source)
+            weights = await asyncio.to_thread(manager.load, name, source, force)
         except BaseException:
             manager.unregister(name)
             raise

@@ -25,6 +25,8 @@ def parse_bytes(value: int | str) -> int:
 class EngineConfig:
     model: str = "smollm2-135m-instruct"  # our default name, an HF id or a local folder
     served_name: str | None = None  # name in the API; defaults to `model`
+    hf_id: str | None = None  # the weights' Hugging Face repo id; None: found from the source (serving.identity)
+    aliases: tuple[str, ...] = ()  # more names the model answers to (adapter base checks, the API's `model`)
     tokenizer: str | None = None  # defaults to the model's folder
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
     device: str = "auto"  # auto, cpu, cuda, cuda:N

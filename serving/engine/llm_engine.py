@@ -5,13 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from pathlib import Path
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 from serving.engine.config import EngineConfig
+from serving.identity import model_identity, system_fingerprint
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.errors import AdapterError, AdapterNotFoundError, ContextLengthExceededError, InvalidRequestError, ModelLoadError
 from serving.engine.kv_cache import BlockAllocator
@@ -67,6 +67,7 @@ class LLMEngine:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the tokenizer for {config.model!r}: {exc}") from exc
         self.eos_ids = load_generation_eos(self.model_path, self.hf_config, self.tokenizer)
+        self.identity = model_identity(config.name, config.model, config.hf_id, config.aliases, str(self.model_path))
         attn = self.model.layers[0].self_attn
         bytes_per_block = 2 * len(self.model.layers) * config.block_size * attn.num_kv_heads * attn.head_dim \
             * torch.finfo(dtype).bits // 8
@@ -87,16 +88,18 @@ class LLMEngine:
         if config.enable_lora and config.max_loras > 0:
             from serving.engine.lora import LoRAManager
 
-            names = {config.name, config.model, Path(self.model_path).name}
             lora_dtype = DTYPES.get(config.lora_dtype, dtype)
             if lora_dtype != dtype and kernels.backend_for(self.device) == "triton":
                 raise ModelLoadError(f"lora_dtype {config.lora_dtype} differs from the model's {dtype}: the Triton "
                                      "LoRA kernels need them equal (use lora_dtype: auto)")
-            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras, names,
-                                    lora_dtype)
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+                                    self.identity, lora_dtype)
             self.scheduler.lora = self.lora
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
+        self.system_fingerprint = system_fingerprint(self.identity, {
+            "source": config.model, "dtype": str(dtype), "lora_dtype": config.lora_dtype, "seed": config.seed,
+            "kernels": kernels.backend_for(self.device), "device": self.device.type})
 
     @property
     def name(self) -> str:
@@ -175,13 +178,14 @@ class LLMEngine:
             raise AdapterError("LoRA is disabled for this model (enable_lora: false)", param="model")
         return self.lora
 
-    def add_lora(self, name: str, source: str) -> None:
-        """Load a PEFT adapter folder and make it servable as `name` (synchronous; see AsyncEngine.add_lora)."""
+    def add_lora(self, name: str, source: str, force: bool = False) -> None:
+        """Load a PEFT adapter folder and make it servable as `name` (synchronous; see AsyncEngine.add_lora).
+        `force` loads one whose declared base names another model (its shapes must still fit)."""
         manager = self._lora()
-        manager.reserve(name, source)
+        manager.reserve(name, source, force)
         start = time.monotonic()
         try:
-            weights = manager.load(name, source)
+            weights = manager.load(name, source, force)
         except BaseException:
             manager.unregister(name)
             raise

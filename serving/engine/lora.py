@@ -18,6 +18,7 @@ only over slots up to the highest active one (slots are filled lowest first).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -30,6 +31,8 @@ import torch
 import kernels
 from serving.engine import host_memory
 from serving.engine.errors import AdapterError
+
+log = logging.getLogger("loraplex.lora")
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KIND_MODULES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -46,6 +49,8 @@ class LoRAWeights:
     target_modules: list[str]
     a: dict[str, torch.Tensor]  # module -> [layers, r, in] (zeros for layers the adapter does not touch)
     b: dict[str, torch.Tensor]  # module -> [layers, out, r]
+    warnings: list[str] = field(default_factory=list)  # e.g. a base the server could not place
+    forced: bool = False  # loaded with force although its declared base names another model
 
     @property
     def size_bytes(self) -> int:
@@ -62,6 +67,8 @@ class AdapterInfo:
     target_modules: list[str] = field(default_factory=list)
     load_time_s: float | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    forced: bool = False
 
 
 def module_shapes(model) -> dict[str, tuple[int, int]]:
@@ -73,8 +80,12 @@ def module_shapes(model) -> dict[str, tuple[int, int]]:
             "up_proj": (hidden, mlp.intermediate), "down_proj": (mlp.intermediate, hidden)}
 
 
-def load_peft_adapter(name: str, folder: str | Path, model, max_rank: int, base_names: set[str]) -> LoRAWeights:
-    """Read and check a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) against our model."""
+def load_peft_adapter(name: str, folder: str | Path, model, max_rank: int, identity,
+                      force: bool = False) -> LoRAWeights:
+    """Read and check a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) against our model.
+
+    `identity` (serving.identity.ModelIdentity) judges the declared base; `force` loads an adapter whose base
+    names another model. Shapes are always checked, whatever the name and `force`."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -99,9 +110,13 @@ def load_peft_adapter(name: str, folder: str | Path, model, max_rank: int, base_
     if not 0 < rank <= max_rank:
         raise AdapterError(f"adapter {name!r}: rank {rank} exceeds max_lora_rank {max_rank}", param="source")
     base = cfg.get("base_model_name_or_path")
-    if base and not ({base, Path(base).name} & base_names):
-        raise AdapterError(f"adapter {name!r} was trained on {base!r}, not on this model "
-                           f"({', '.join(sorted(base_names))})", param="source")
+    verdict = identity.check_base(base)
+    warnings = [verdict.warning] if verdict.warning else []
+    if not verdict.ok:
+        if not force:
+            raise AdapterError(f"adapter {name!r} was {verdict.mismatch}; if the weights are the same, load it "
+                               'with "force": true', param="source", code="adapter_base_mismatch")
+        warnings.append(f"loaded with force: {verdict.mismatch}")
     shapes = module_shapes(model)
     layers = len(model.layers)
     try:
@@ -135,15 +150,15 @@ def load_peft_adapter(name: str, folder: str | Path, model, max_rank: int, base_
         raise AdapterError(f"adapter {name!r}: no LoRA weights found", param="source")
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return LoRAWeights(name, str(folder), rank, scale, base, sorted(seen),
-                       {m: a[m] for m in seen}, {m: b[m] for m in seen})
+                       {m: a[m] for m in seen}, {m: b[m] for m in seen}, warnings, force and not verdict.ok)
 
 
 class LoRAManager:
-    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int, base_names: set[str],
+    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int, identity,
                  dtype: torch.dtype | None = None):
         self.model = model
         self.max_loras, self.max_rank, self.max_cpu = max_loras, max_rank, max_cpu_loras
-        self.base_names = base_names
+        self.identity = identity  # serving.identity.ModelIdentity: judges adapters' declared bases
         self.shapes = module_shapes(model)
         self.out_columns: dict[str, slice] = {}  # each module's columns in its fused projection (q|k|v, gate|up)
         for names in KIND_MODULES.values():
@@ -172,17 +187,20 @@ class LoRAManager:
         self.tokens: dict[str, int] = {}
 
     # ---- registry ----------------------------------------------------------------------------------
-    def load(self, name: str, folder: str | Path) -> LoRAWeights:
+    def load(self, name: str, folder: str | Path, force: bool = False) -> LoRAWeights:
         """Read an adapter from disk (any thread; no engine state touched)."""
-        return load_peft_adapter(name, folder, self.model, self.max_rank, self.base_names)
+        weights = load_peft_adapter(name, folder, self.model, self.max_rank, self.identity, force)
+        for w in weights.warnings:
+            log.warning("adapter %s: %s", name, w)
+        return weights
 
-    def reserve(self, name: str, source: str) -> None:
+    def reserve(self, name: str, source: str, force: bool = False) -> None:
         """Claim `name` (state "loading") before reading files; a name in use is refused. Pair with register
         on success, unregister on failure."""
         with self.lock:
             if name in self.info:
                 raise AdapterError(f"an adapter named {name!r} already exists", param="name", code="adapter_exists")
-            self.info[name] = AdapterInfo(name, str(source))
+            self.info[name] = AdapterInfo(name, str(source), forced=force)
 
     def register(self, weights: LoRAWeights, load_time_s: float | None = None) -> AdapterInfo:
         with self.lock:
@@ -195,6 +213,7 @@ class LoRAManager:
             info = self.info.setdefault(weights.name, AdapterInfo(weights.name, weights.source))
             info.state, info.rank, info.base = "cpu", weights.rank, weights.base_model
             info.target_modules, info.load_time_s, info.source = weights.target_modules, load_time_s, weights.source
+            info.warnings, info.forced = list(weights.warnings), weights.forced
             return info
 
     def unregister(self, name: str) -> None:
@@ -244,7 +263,7 @@ class LoRAManager:
     def _weights(self, name: str) -> LoRAWeights:
         weights = self.cpu.get(name)
         if weights is None:  # evicted from host memory: read it again from its source
-            weights = self.load(name, self.info[name].source)
+            weights = self.load(name, self.info[name].source, force=self.info[name].forced)
             self.register(weights, self.info[name].load_time_s)
         self.cpu.move_to_end(name)
         return weights
