@@ -202,7 +202,8 @@ LLAMA_STYLE = (  # Llama-3.1-like: JSON calls with "parameters", results in an i
     "{%- for m in messages %}{%- if m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>\n\n"
     "{%- for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"parameters\": "
     "{{ c.function.arguments | tojson }}}{% endfor %}<|eot_id|>"
-    "{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{%- elif m.role == 'tool' %}{% if m.name is not defined %}{{ raise_exception('tool messages need a name') }}"
+    "{% endif %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.name }}: {{ m.content }}<|eot_id|>"
     "{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endif %}"
     "{%- endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
@@ -242,7 +243,9 @@ def test_a_tools_aware_template_renders_tools_and_history_itself(tok):
 def test_llama_and_mistral_templates_pick_their_parsers_and_ids_fit_mistral(tok):
     llama = _with_template(tok, LLAMA_STYLE)
     assert template_takes_tools(llama) and isinstance(pick_parser(llama), Llama3Json)
-    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in render_chat(llama, HISTORY, TOOLS)
+    text = render_chat(llama, check_messages(copy.deepcopy(HISTORY)), TOOLS)
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in text
+    assert "get_weather: 18C, sunny<|eot_id|>" in text and "get_time: 14:05" in text  # named after their calls
     mistral = _with_template(tok, MISTRAL_STYLE)
     fmt = pick_parser(mistral)
     assert isinstance(fmt, Mistral) and not fmt.args_tag

@@ -128,13 +128,19 @@ def _short_id(call_id: str) -> str:
 
 def template_messages(messages: list[dict], template: str) -> list[dict]:
     """Messages for a tools-aware template, in transformers' convention: call arguments as objects (the
-    templates `tojson` them). Mistral's templates demand 9-character alphanumeric call ids; there each id is
-    replaced by a stable hash of it, the same for the call and its tool message."""
+    templates `tojson` them), and each tool message named after the function it answers (some templates,
+    Hermes' among them, require `name`; OpenAI's tool messages carry only the call id). Mistral's templates
+    demand 9-character alphanumeric call ids; there each id is replaced by a stable hash of it, the same for
+    the call and its tool message."""
     short = "length == 9" in template or "length != 9" in template
+    names: dict[str, str] = {}  # call id -> function name
     out = []
     for m in messages:
         msg = dict(m)
+        if m.get("role") == "tool" and not m.get("name") and m.get("tool_call_id") in names:
+            msg["name"] = names[m["tool_call_id"]]
         if m.get("tool_calls"):
+            names.update((c["id"], c["function"]["name"]) for c in m["tool_calls"])
             msg["tool_calls"] = [
                 {"id": _short_id(c["id"]) if short else c["id"], "type": "function",
                  "function": {"name": c["function"]["name"], "arguments": _arguments_obj(c["function"]["arguments"])}}
