@@ -1,6 +1,11 @@
 """Training data: load JSONL/JSON/CSV files or saved HF datasets, format (chat/alpaca/completion), tokenise,
 mask labels, truncate or refuse long examples, pack, and batch.
 
+Chat records may use OpenAI's fine-tuning format with tools: a `tools` list, assistant messages with
+`tool_calls` (content may be null) and `tool` messages with `tool_call_id`. They are checked by the same code
+as API requests (serving.api.tools) and rendered by the same function (serving.api.tool_prompt.render_chat), so
+a fine-tuned model learns exactly the call format the server parses.
+
 Every error names the file and line (or row) it came from.
 """
 
@@ -13,6 +18,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from serving.api.errors import APIError
+from serving.api.tool_prompt import render_chat
+from serving.api.tools import check_messages, parse_tool_request
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -116,6 +125,27 @@ def _need_str(rec: dict, key: str, where: str, optional: bool = False) -> str:
     return value
 
 
+def _json_cell(rec: dict, key: str, where: str):
+    value = rec.get(key)
+    if isinstance(value, str):  # CSV cells hold JSON text
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: field {key!r} is not valid JSON") from None
+    return value
+
+
+def to_tools(rec: dict, kind: str, where: str) -> list[dict] | None:
+    """A chat record's `tools` (OpenAI's function tools), checked as the API checks them; None without tools."""
+    if kind != "chat" or rec.get("tools") is None:
+        return None
+    try:
+        req = parse_tool_request(_json_cell(rec, "tools", where))
+    except APIError as exc:
+        raise DataError(f"{where}: {exc.message}") from None
+    return req.tools if req is not None else None
+
+
 def to_messages(rec: dict, kind: str, where: str) -> list[dict]:
     """Chat and alpaca records as chat messages (alpaca: instruction + input as the user turn)."""
     if kind == "alpaca":
@@ -124,12 +154,7 @@ def to_messages(rec: dict, kind: str, where: str) -> list[dict]:
         output = _need_str(rec, "output", where)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    messages = rec.get("messages")
-    if isinstance(messages, str):  # CSV cells hold JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: field 'messages' is not valid JSON") from None
+    messages = _json_cell(rec, "messages", where)
     if "messages" not in rec:
         raise DataError(f"{where}: missing field 'messages' (type: chat expects {{\"messages\": [...]}})")
     if not isinstance(messages, list) or not messages:
@@ -141,10 +166,21 @@ def to_messages(rec: dict, kind: str, where: str) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise DataError(f"{where}: messages[{i}].role must be one of {list(ROLES)}, got {role!r}")
+        calls = m.get("tool_calls")
+        if content is None and role == "assistant" and calls:
+            content = ""  # an assistant turn that only calls tools
         if not isinstance(content, str):
             raise DataError(f"{where}: messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
-    return out
+        msg = {"role": role, "content": content}
+        if calls is not None:
+            msg["tool_calls"] = calls
+        if m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    try:  # a conversation may end on the assistant's calls: that is what it learns to make
+        return check_messages(out, require_responses=False)
+    except APIError as exc:
+        raise DataError(f"{where}: {exc.message}") from None
 
 
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
@@ -162,20 +198,23 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     return chat_template
 
 
-def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> str:
+    return render_chat(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt,
+                       chat_template=template)
 
 
-def tokenize_chat(tokenizer, template: str, messages: list[dict], train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    """Render the conversation; labels cover the assistant turns (their text and end-of-turn tokens)."""
-    text = _render(tokenizer, template, messages)
+def tokenize_chat(tokenizer, template: str, messages: list[dict], train_on_inputs: bool,
+                  tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Render the conversation; labels cover the assistant turns (their text, tool calls and end-of-turn
+    tokens), not tool results: a turn's span runs from the end of the prompt before it to its own end."""
+    text = _render(tokenizer, template, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, template, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(_render(tokenizer, template, messages[: i + 1]))
+        start = len(_render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools)) if i else 0
+        end = len(_render(tokenizer, template, messages[: i + 1], tools=tools))
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -204,7 +243,8 @@ def prompt_text(tokenizer, template: str | None, rec: dict, kind: str, where: st
         return _need_str(rec, "prompt", where)
     messages = to_messages(rec, kind, where)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return _render(tokenizer, template, messages[:last], add_generation_prompt=True)
+    return _render(tokenizer, template, messages[:last], add_generation_prompt=True,
+                   tools=to_tools(rec, kind, where))
 
 
 def reference_answer(rec: dict, kind: str) -> str:
@@ -212,7 +252,8 @@ def reference_answer(rec: dict, kind: str) -> str:
         return rec.get("completion", "")
     if kind == "alpaca":
         return rec.get("output", "")
-    answers = [m.get("content", "") for m in rec.get("messages", []) if isinstance(m, dict) and m.get("role") == "assistant"]
+    answers = [m.get("content") or "" for m in rec.get("messages", [])
+               if isinstance(m, dict) and m.get("role") == "assistant"]
     return answers[-1] if answers else ""
 
 
@@ -232,7 +273,8 @@ def build_examples(specs, tokenizer, *, chat_template: str | None, train_on_inpu
                                                   _need_str(rec, "completion", where), train_on_inputs)
             else:
                 template = template or resolve_chat_template(tokenizer, chat_template)
-                ids, labels = tokenize_chat(tokenizer, template, to_messages(rec, spec.type, where), train_on_inputs)
+                ids, labels = tokenize_chat(tokenizer, template, to_messages(rec, spec.type, where), train_on_inputs,
+                                            tools=to_tools(rec, spec.type, where))
             ex = Example(ids, labels, where)
             if len(ids) > sequence_len:
                 if excess_length_strategy == "error":
