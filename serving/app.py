@@ -39,7 +39,7 @@ class LLMServer:
 
         self.spec = ModelSpec.model_validate(spec)
         engine = AsyncEngine(EngineConfig(**self.spec.engine_kwargs()))
-        self.backend = ModelBackend(engine, self.spec.name)
+        self.backend = ModelBackend(engine, self.spec.name, tool_call_parser=self.spec.tool_call_parser)
         self.roots = list(adapter_roots or [])
         self.replica = _replica_id()
         # Config adapters first (not restricted to the roots), then those added at run time (registry).

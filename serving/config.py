@@ -83,6 +83,10 @@ class ModelSpec(_Strict):
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="adapter weights' dtype in the slots: auto = the model's; bfloat16 halves the bytes "
                             "every decode step reads for adapters (CPU; on CUDA it must equal dtype)")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="the tool-call format: auto reads the chat template (hermes where it takes no tools)")
+    max_grammar_bytes: int = Field(65536, gt=0, description="largest response_format schema, grammar or tools "
+                                                             "a request may send (bytes of JSON)")
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)

@@ -52,9 +52,14 @@ def delta_item(out) -> dict:
 class ModelBackend:
     """One engine and the API-level work around it, inside a model replica."""
 
-    def __init__(self, engine, name: str, adapters: dict[str, str] | None = None):
+    def __init__(self, engine, name: str, adapters: dict[str, str] | None = None, tool_call_parser: str = "auto"):
+        from serving.api.tool_parsers import pick_parser
+
         self.engine = engine
         self.name = name
+        # The model's tool-call format (serve config tool_call_parser; auto: by its chat template). A parser
+        # that does not fit the template stops the replica at start with the reason, not at the first call.
+        self.tool_format = pick_parser(engine.tokenizer, tool_call_parser)
         self.adapters = dict(adapters or {})  # adapter name -> source; the engine owns the weights
         self.created = int(time.time())
 
@@ -62,8 +67,10 @@ class ModelBackend:
     def _prompt_ids(self, req: dict) -> tuple[list[int], str | None]:
         tok = self.engine.tokenizer
         if req["kind"] == "chat":
+            from serving.api.tool_prompt import render_chat
+
             try:
-                text = tok.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=False)
+                text = render_chat(tok, req["messages"], req.get("tools"))
             except Exception as exc:  # jinja raises TemplateError for e.g. an unsupported role order
                 raise APIError(400, f"The chat template rejected these messages: {exc}",
                                param="messages", code="invalid_messages") from None
@@ -85,7 +92,7 @@ class ModelBackend:
         param = "messages" if req["kind"] == "chat" else "prompt"
         try:
             prompt_ids, prompt_text = self._prompt_ids(req)
-            params = SamplingParams(**req["sampling"]).validate()
+            params = SamplingParams(**self._with_tool_grammar(req)).validate()
             self.engine.check_request(prompt_ids, params)
         except APIError:
             raise
@@ -101,6 +108,20 @@ class ModelBackend:
             raise APIError(404, f"The model `{self.name}:{lora}` does not exist.", param="model",
                            code="model_not_found")
         return prompt_ids, prompt_text, params
+
+    def _with_tool_grammar(self, req: dict) -> dict:
+        """The request's sampling dict, with the grammar that forces well-formed calls in this model's format."""
+        sampling = req["sampling"]
+        if not req.get("tools"):
+            return sampling
+        from serving.api.structured import tool_grammar_spec
+        from serving.api.tools import parse_tool_request
+
+        tools = parse_tool_request(req["tools"], req.get("tool_choice"), req.get("parallel_tool_calls"))
+        sampling = {**sampling, "structured": tool_grammar_spec(self.tool_format.grammar(tools), tools.tools)}
+        if self.tool_format.needs_special_tokens(self.engine.tokenizer):  # e.g. <|python_tag|>, [TOOL_CALLS]
+            sampling["skip_special_tokens"] = False
+        return sampling
 
     async def stream(self, req: dict):
         """Yield the accepted/error item, then deltas until every choice finished. Cancelling aborts."""
@@ -130,7 +151,8 @@ class ModelBackend:
                 yield {"kind": "error", "error": err.to_dict()}
                 return
             yield {"kind": "accepted", "request_id": request_id, "prompt_tokens": len(prompt_ids),
-                   "prompt_text": prompt_text, "system_fingerprint": self.engine.system_fingerprint}
+                   "prompt_text": prompt_text, "system_fingerprint": self.engine.system_fingerprint,
+                   "tool_format": self.tool_format if req.get("tools") else None}
             if first is not None:
                 yield delta_item(first)
                 async for out in gen:

@@ -29,6 +29,7 @@ from serving.api.responses import (
     usage,
 )
 from serving.api.streaming import SSE_DONE, cancel_stream, close_stream, merge_streams, sse
+from serving.api.structured import describe as describe_constraint
 
 log = logging.getLogger("loraplex.gateway")
 STATS_MAX_AGE_S = 60.0
@@ -97,10 +98,11 @@ def _status_of(exc: BaseException) -> int:
 class ChatRun:
     """One admitted chat request between its first replica item and its end."""
 
-    def __init__(self, body, gen, rec, ticket, citations, routed, base, opened_at, fingerprint: str):
+    def __init__(self, body, gen, rec, ticket, citations, routed, base, opened_at, accepted: dict):
         self.body, self.gen, self.rec, self.ticket = body, gen, rec, ticket
         self.citations, self.routed, self.base, self.opened_at = citations, routed, base, opened_at
-        self.fingerprint = fingerprint  # the replica's system_fingerprint
+        self.fingerprint = accepted["system_fingerprint"]  # the replica's
+        self.tool_format = accepted.get("tool_format")  # serving.api.tool_parsers.ToolFormat when tools are on
         self.guards = governed.OutputGuards(ticket)
 
 
@@ -287,8 +289,13 @@ class GatewayCore:
             citations = None
             if body.retrieval is not None:
                 messages, citations = await self._ground(body.retrieval, messages)
+            tools = body.tool_request
+            if ticket is not None:
+                ticket.constraint = describe_constraint(body.structured, tools.tools if tools else None)
             req = {"kind": "chat", "messages": messages, "sampling": body.to_sampling(), "adapter": adapter,
-                   "request_id": new_id("chatcmpl"), "user": body.user}
+                   "request_id": new_id("chatcmpl"), "user": body.user,
+                   "tools": tools.tools if tools else None, "tool_choice": body.tool_choice,
+                   "parallel_tool_calls": body.parallel_tool_calls}
             if decision is not None:
                 opened_at = [t0]
                 routed, gen, accepted = await self.routing.open(decision, req, opened_at)
@@ -306,7 +313,7 @@ class GatewayCore:
         rec = RequestRecord(self.metrics, base, adapter, "chat")
         rec.t0 = t0
         rec.accepted(accepted["prompt_tokens"])
-        run = ChatRun(body, gen, rec, ticket, citations, routed, base, opened, accepted["system_fingerprint"])
+        run = ChatRun(body, gen, rec, ticket, citations, routed, base, opened, accepted)
         if body.stream:
             return self._chat_sse(run), headers
         return await self._chat_full(run), headers
@@ -359,6 +366,7 @@ class GatewayCore:
 
         body, rec = run.body, run.rec
         chunks = ChatChunks(body.model, body.include_usage, run.fingerprint)
+        calls = {i: run.tool_format.stream() for i in range(body.n)} if run.tool_format else None
         status = 499  # client closed the connection, unless we get to the end
         try:
             yield sse(chunks.role_chunk(body.n))
@@ -367,11 +375,11 @@ class GatewayCore:
                 if run.ticket is not None:
                     run.ticket.completion_tokens = rec.completion_tokens
                 self._guard_item(run, item)
-                chunk = chunks.delta_chunk(item)
+                out = chunks.tool_chunks(item, calls) if calls else [c for c in [chunks.delta_chunk(item)] if c]
                 if item.get("finished") and run.citations is not None and not body.include_usage:
-                    chunk = chunk or chunks.empty_chunk()
-                    chunk["citations"] = run.citations  # the final chunk carries the sources
-                if chunk:
+                    out = out or [chunks.empty_chunk()]
+                    out[-1]["citations"] = run.citations  # the final chunk carries the sources
+                for chunk in out:
                     yield sse(chunk)
             if body.include_usage:
                 last = chunks.usage_chunk(usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens))
@@ -424,8 +432,16 @@ class GatewayCore:
         choices = []
         for i in range(n):
             lp = chat_logprobs(lps[i] or []) if body.logprobs else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": outputs[i], "refusal": None},
-                            "logprobs": lp, "finish_reason": reasons[i] or "stop"})
+            message = {"role": "assistant", "content": outputs[i], "refusal": None}
+            reason = reasons[i] or "stop"
+            if run.tool_format is not None:  # calls in the model's format -> message.tool_calls
+                parsed = run.tool_format.stream()
+                parsed.feed(outputs[i])
+                parsed.finish()
+                message["content"], reason = parsed.content, parsed.finish_reason(reason)
+                if parsed.tool_calls:
+                    message["tool_calls"] = parsed.tool_calls
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                "model": body.model, "system_fingerprint": run.fingerprint, "choices": choices,
                "usage": usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)}
@@ -447,6 +463,7 @@ class GatewayCore:
             if ticket is not None:
                 prompts = ticket.prompt
                 governed.check_logprobs(ticket, body.logprobs is not None)
+                ticket.constraint = describe_constraint(body.to_sampling().get("structured"), None)
             sampling = body.to_sampling()
             reqs = [{"kind": "completion", "prompt": p, "echo": body.echo, "sampling": sampling,
                      "adapter": adapter, "request_id": f"cmpl-{uuid.uuid4().hex}", "user": body.user}
@@ -458,8 +475,7 @@ class GatewayCore:
         rec = RequestRecord(self.metrics, base, adapter, "completions")
         for accepted, _ in opened:
             rec.accepted(accepted["prompt_tokens"])
-        run = ChatRun(body, [g for _, g in opened], rec, ticket, None, None, base, rec.t0,
-                      opened[0][0]["system_fingerprint"])
+        run = ChatRun(body, [g for _, g in opened], rec, ticket, None, None, base, rec.t0, opened[0][0])
         if body.stream:
             return self._completion_sse(run)
         return await self._completion_full(run, opened)

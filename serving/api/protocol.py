@@ -1,7 +1,9 @@
 """OpenAI request models (chat, completions, embeddings) and their mapping to engine sampling parameters.
 
 Field names, defaults and ranges follow OpenAI's API. Unknown fields are ignored (as vLLM does), so newer
-clients keep working; known fields we cannot honour (tools, logit_bias, suffix, ...) are refused by name.
+clients keep working; known fields we cannot honour (functions, logit_bias, suffix, ...) are refused by name.
+Tools (serving.api.tools) and output constraints (serving.api.structured) are validated here, so a bad one is a
+400 naming its field before any replica is asked.
 Responses are built as plain dicts in serving.api.responses (cheaper than pydantic on every stream chunk).
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from serving.api.errors import APIError
 
@@ -34,6 +36,8 @@ class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Any = None  # assistant calls in the history (checked by serving.api.tools.check_messages)
+    tool_call_id: Any = None  # a tool message's answer to one of them
 
 
 class _Sampling(_Req):
@@ -102,10 +106,14 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict] | None = None
+    tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
     functions: list[dict] | None = None
-    response_format: dict | None = None
+    response_format: Any = None
+    structured_outputs: Any = None  # vLLM's extension: {"json"|"regex"|"choice"|"grammar"|"json_object": ...}
+    _tools: Any = PrivateAttr(None)  # set by check()
+    _structured: Any = PrivateAttr(None)
     # extensions: grounded chat (serving.rag.grounding) and routing overrides (serving.router.headers);
     # typed Any here so their own parsers can name the field in a 400
     retrieval: Any = None
@@ -121,12 +129,28 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs",
                            code="invalid_value")
-        if self.tools or self.functions:
-            raise APIError(400, "Tool and function calling is not supported by this server.",
-                           param="tools" if self.tools else "functions", code="unsupported_parameter")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "Only response_format {'type': 'text'} is supported.",
-                           param="response_format", code="unsupported_parameter")
+        if self.functions:
+            raise APIError(400, "The legacy 'functions' field is not supported: use 'tools'.",
+                           param="functions", code="unsupported_parameter")
+        from serving.api.structured import request_spec
+        from serving.api.tools import parse_tool_request
+
+        tools = parse_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+        self._tools = tools if tools is not None and tools.choice.mode != "none" else None
+        self._structured = request_spec(self.response_format, self.structured_outputs)
+        if self._tools is not None and self._structured is not None:
+            raise APIError(400, "response_format (or structured_outputs) together with tools is not supported: "
+                           "send one, or tool_choice none", param="response_format", code="unsupported_parameter")
+
+    @property
+    def tool_request(self):
+        """serving.api.tools.ToolRequest of a checked request that may call tools, else None."""
+        return self._tools
+
+    @property
+    def structured(self) -> dict | None:
+        """The engine's structured-output spec of a checked request (serving.api.structured), else None."""
+        return self._structured
 
     def template_messages(self) -> list[dict]:
         """Messages as the chat template expects them: text content only, `developer` as `system`."""
@@ -152,12 +176,21 @@ class ChatCompletionRequest(_Sampling):
             msg = {"role": role, "content": content}
             if m.name:
                 msg["name"] = m.name
+            if m.tool_calls is not None:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
-        return out
+        from serving.api.tools import check_messages
+
+        return check_messages(out)
 
     def to_sampling(self) -> dict:
         k = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_kwargs(self.completion_limit(), k)
+        kw = self.sampling_kwargs(self.completion_limit(), k)
+        if self.structured is not None:
+            kw["structured"] = self.structured
+        return kw
 
 
 class CompletionRequest(_Sampling):
@@ -167,6 +200,9 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    structured_outputs: Any = None  # vLLM's extension, as on chat
+    response_format: Any = None  # accepted on completions too, as vLLM does
+    _structured: Any = PrivateAttr(None)  # set by check()
 
     def check(self) -> None:
         self.check_common()
@@ -181,6 +217,9 @@ class CompletionRequest(_Sampling):
                            param="logprobs", code="unsupported_parameter")
         if self.stream and self.echo:
             raise APIError(400, "echo is not supported with stream.", param="echo", code="unsupported_parameter")
+        from serving.api.structured import request_spec
+
+        self._structured = request_spec(self.response_format, self.structured_outputs)
 
     def prompts(self) -> list[str | list[int]]:
         """One engine prompt per entry: a string or a list of token ids."""
@@ -199,7 +238,10 @@ class CompletionRequest(_Sampling):
         return prompts
 
     def to_sampling(self) -> dict:
-        return self.sampling_kwargs(self.max_tokens, self.logprobs)
+        kw = self.sampling_kwargs(self.max_tokens, self.logprobs)
+        if self._structured is not None:
+            kw["structured"] = self._structured
+        return kw
 
 
 class EmbeddingRequest(_Req):

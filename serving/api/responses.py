@@ -103,6 +103,29 @@ class ChatChunks:
                             "finish_reason": finish(c["finish_reason"])})
         return self._chunk(choices) if choices else None
 
+    def tool_chunks(self, item: dict, calls: dict) -> list[dict]:
+        """Chunks for one item when tools are on: each choice's text goes through its call parser
+        (serving.api.tool_parsers), which turns it into content and `delta.tool_calls` pieces (index, id and
+        name first, then argument fragments); one piece a chunk, as OpenAI streams them."""
+        out = []
+        for c in item["choices"]:
+            stream = calls[c["index"]]
+            pieces = stream.feed(c["text"])
+            done = c["finish_reason"] is not None
+            if done:
+                pieces += stream.finish()
+            lp = chat_logprobs(c["logprobs"])
+            for p, delta in enumerate(pieces):
+                last = done and p == len(pieces) - 1
+                out.append(self._chunk([{"index": c["index"], "delta": delta, "logprobs": lp if p == 0 else None,
+                                         "finish_reason": stream.finish_reason(finish(c["finish_reason"])) if last
+                                         else None}]))
+            if done and not pieces or (not pieces and lp):
+                out.append(self._chunk([{"index": c["index"], "delta": {}, "logprobs": lp,
+                                         "finish_reason": stream.finish_reason(finish(c["finish_reason"]))
+                                         if done else None}]))
+        return out
+
     def usage_chunk(self, u: dict) -> dict:
         c = self._chunk([])
         c["usage"] = u

@@ -81,6 +81,7 @@ class Ticket:
         self.output_action, self.output_kinds = output_action, output_kinds
         self.request_id = request_id
         self.completion_tokens = 0  # the gateway may count as it streams; used if the client goes away
+        self.constraint: dict | None = None  # a constrained request's kind, schema hash, tool names (never content)
         self.settled: dict[str, Any] | None = None
         self._guards: list[StreamGuard] = []
         self._start = time.perf_counter()
@@ -147,6 +148,8 @@ class Ticket:
         self.settled = {"model": self.model, "adapter": self.adapter, "prompt_tokens": prompt_tokens,
                         "completion_tokens": completion_tokens, "cost_usd": cost, "reserved_usd": self.reserved_usd,
                         "guardrails": self.guardrails, "model_latency_ms": round(latency * 1000, 3)}
+        if self.constraint is not None:
+            self.settled["constrained"] = self.constraint
         if content is not None and gov.config.audit.log_content:
             self.settled["content"] = content
         if self.ctx is None:  # no middleware around this request: write the audit entry here
