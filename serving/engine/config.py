@@ -46,6 +46,8 @@ class EngineConfig:
     max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
     lora_dtype: str = "auto"  # adapter slots' dtype: auto (the model's), float32, bfloat16, float16 (vLLM's lora_dtype)
     kernels: str = "auto"  # auto (Triton on CUDA, C kernels on fp32 CPU, else torch), torch, triton
+    max_grammar_bytes: int = 65536  # largest structured-output spec (its JSON) a request may send
+    grammar_cache_size: int = 256  # compiled grammars kept (LRU)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -57,6 +59,8 @@ class EngineConfig:
                 raise ModelLoadError(f"{key} must be auto, float32, bfloat16 or float16, got {getattr(self, key)!r}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ModelLoadError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_grammar_bytes <= 0 or self.grammar_cache_size <= 0:
+            raise ModelLoadError("max_grammar_bytes and grammar_cache_size must be positive")
         self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
 
     @property

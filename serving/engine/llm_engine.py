@@ -14,6 +14,7 @@ from serving.engine.config import EngineConfig
 from serving.identity import model_identity, system_fingerprint
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.errors import AdapterError, AdapterNotFoundError, ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from serving.engine.grammar import Grammars
 from serving.engine.kv_cache import BlockAllocator
 from serving.engine.loader import build_model, load_generation_eos
 from serving.engine.model import ForwardBatch
@@ -68,6 +69,8 @@ class LLMEngine:
             raise ModelLoadError(f"cannot load the tokenizer for {config.model!r}: {exc}") from exc
         self.eos_ids = load_generation_eos(self.model_path, self.hf_config, self.tokenizer)
         self.identity = model_identity(config.name, config.model, config.hf_id, config.aliases, str(self.model_path))
+        self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_ids, config.max_grammar_bytes,
+                                 config.grammar_cache_size)
         attn = self.model.layers[0].self_attn
         bytes_per_block = 2 * len(self.model.layers) * config.block_size * attn.num_kv_heads * attn.head_dim \
             * torch.finfo(dtype).bits // 8
@@ -112,7 +115,8 @@ class LLMEngine:
         return list(prompt)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Reject a request before any work: bad sampling values, empty or over-long prompts."""
+        """Reject a request before any work: bad sampling values, empty or over-long prompts, structured-output
+        specs that do not validate or compile (compiled here, cached for add_request)."""
         params.validate()
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -129,6 +133,8 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens or 1} for the completion). "
                 "Please reduce the length of the prompt or max_tokens.")
+        if params.structured is not None:
+            self.grammars.compile(params.structured)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     lora_name: str | None = None) -> str:
@@ -146,8 +152,9 @@ class LLMEngine:
             if not params.greedy:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed((params.seed if params.seed is not None else torch.seed() % 2**62) + i)
+            matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), len(prompt_ids), params,
-                           lora_name=lora_name, generator=gen)
+                           lora_name=lora_name, generator=gen, matcher=matcher)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                                  params.stop, params.include_stop_str_in_output))
@@ -255,12 +262,18 @@ class LLMEngine:
         self.scheduler.after_step(out)
         if not sampled:
             return []
+        self.grammars.apply_masks(logits, sampled)
         tokens, logprobs = sample(logits, sampled)
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for row, (seq, token) in enumerate(zip(sampled, tokens)):
             req = self.requests.get(seq.request_id)
             if req is None or seq.is_finished:
+                continue
+            if seq.matcher is not None and not self.grammars.accept(seq, token):
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+                touched[req.request_id] = req
                 continue
             self._append_token(req, seq, token, logprobs[row] if seq.params.logprobs is not None else None)
             seq.first_token_time = seq.first_token_time or now
@@ -281,7 +294,9 @@ class LLMEngine:
             req.pending_logprobs[seq.index].append(
                 TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), top))
         detok = req.detoks[seq.index]
-        is_eos = token in self.eos_ids and not p.ignore_eos
+        # EOS is allowed only where a grammar accepts, and then ends it even with ignore_eos
+        is_eos = (token in self.eos_ids and not p.ignore_eos) or (seq.matcher is not None
+                                                                  and seq.matcher.is_terminated())
         if is_eos:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids:

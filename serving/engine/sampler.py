@@ -2,7 +2,9 @@
 
 Rows are processed together where the operation is uniform; penalties and seeded draws go row by row since
 each depends on that sequence's own history or generator. Logprobs are those of the model's raw distribution
-(before temperature and truncation), as OpenAI and vLLM report them.
+(before temperature and truncation), as OpenAI and vLLM report them; for a structured-output row the
+engine has already masked the logits to its grammar (grammar.py), so its logprobs are of the masked
+distribution.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus k top alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured: dict | None = None  # structured output spec (serving/engine/structured.py); checked in check_request
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -74,6 +75,8 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
         ):
             bad("top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+        if self.structured is not None and not isinstance(self.structured, dict):
+            bad("structured", f"structured must be an object, got {type(self.structured).__name__}")
         if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63 - MAX_N):
             bad("seed", f"seed must be a 64-bit integer, got {self.seed!r}")
         return self
