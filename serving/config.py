@@ -159,6 +159,7 @@ class ModelSpec(_Strict):
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             lora_dtype=self.lora_dtype,
+            max_grammar_bytes=self.max_grammar_bytes,
         )
 
 

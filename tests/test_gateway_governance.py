@@ -167,3 +167,48 @@ def test_one_audit_entry_per_request(server, keys):
     served = entries[:2]
     assert all(e["model"] == MODEL and e["completion_tokens"] >= 1 and e["cost_usd"] > 0 for e in served)
     assert len({e["request_id"] for e in entries}) == 4
+
+
+MAIL_SCHEMA = {"type": "object", "properties": {"to": {"type": "string"}, "subject": {"type": "string", "maxLength": 30}},
+               "required": ["to", "subject"], "additionalProperties": False}
+MAIL_TOOL = [{"type": "function", "function": {"name": "send_mail", "description": "Send an e-mail",
+                                               "parameters": MAIL_SCHEMA}}]
+MAIL_ME = [{"role": "user", "content": "Email john.doe@example.com: meeting moved."}]
+
+
+def test_pii_in_json_answers_and_tool_arguments_is_redacted_keeping_the_json_valid(server, keys):
+    """Redaction inside a constrained answer touches string values only, so the JSON still parses and validates;
+    the audit entry says the request was constrained (schema hash, tool names), never what it said."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "mail", "schema": MAIL_SCHEMA}}
+    named = {"type": "function", "function": {"name": "send_mail"}}
+    raw = _client(server, keys["user"]["key"]).chat.completions.create(
+        model=MODEL, messages=MAIL_ME, max_tokens=64, temperature=0, response_format=fmt).choices[0].message.content
+    assert "john.doe@example.com" in raw, raw  # the model writes the address: the policy has something to catch
+    red = _client(server, keys["redactor"]["key"])
+    answer = red.chat.completions.create(model=MODEL, messages=MAIL_ME, max_tokens=64, temperature=0,
+                                         response_format=fmt).choices[0].message.content
+    jsonschema.validate(json.loads(answer), MAIL_SCHEMA)
+    assert answer == redact(raw)[0] and "[EMAIL]" in json.loads(answer)["to"]
+    streamed = "".join(c.choices[0].delta.content or "" for c in red.chat.completions.create(
+        model=MODEL, messages=MAIL_ME, max_tokens=64, temperature=0, response_format=fmt, stream=True) if c.choices)
+    assert streamed == answer
+    call = red.chat.completions.create(model=MODEL, messages=MAIL_ME, max_tokens=64, temperature=0, tools=MAIL_TOOL,
+                                       tool_choice=named).choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, MAIL_SCHEMA)
+    assert "@" not in call.function.arguments
+    pieces = [d.function.arguments or "" for c in red.chat.completions.create(
+        model=MODEL, messages=MAIL_ME, max_tokens=64, temperature=0, tools=MAIL_TOOL, tool_choice=named, stream=True)
+        for d in (c.choices[0].delta.tool_calls or [] if c.choices else [])]
+    assert "".join(pieces) == call.function.arguments
+    r = httpx.get(server.base + "/v1/admin/audit", params={"key_id": keys["redactor"]["id"]},
+                  headers={"Authorization": f"Bearer {keys['admin']['key']}"})
+    entries = [e for e in r.json()["data"] if e.get("event") == "request" and e.get("constrained")]
+    kinds = [e["constrained"].get("kind") for e in entries]
+    assert kinds.count("json_schema") == 2 and kinds.count("tool_calls") == 0
+    tools = [e["constrained"] for e in entries if "tools" in e["constrained"]]
+    assert len(tools) == 2 and all(t["tools"] == ["send_mail"] for t in tools)
+    assert len({e["constrained"]["hash"] for e in entries if e["constrained"].get("kind") == "json_schema"}) == 1
+    assert "john.doe" not in json.dumps(entries)

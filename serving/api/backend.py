@@ -118,7 +118,7 @@ class ModelBackend:
         from serving.api.tools import parse_tool_request
 
         tools = parse_tool_request(req["tools"], req.get("tool_choice"), req.get("parallel_tool_calls"))
-        sampling = {**sampling, "structured": tool_grammar_spec(self.tool_format.grammar(tools), tools.tools)}
+        sampling = {**sampling, "structured": tool_grammar_spec(self.tool_format.grammar(tools), tools)}
         if self.tool_format.needs_special_tokens(self.engine.tokenizer):  # e.g. <|python_tag|>, [TOOL_CALLS]
             sampling["skip_special_tokens"] = False
         return sampling

@@ -103,7 +103,7 @@ class ChatRun:
         self.citations, self.routed, self.base, self.opened_at = citations, routed, base, opened_at
         self.fingerprint = accepted["system_fingerprint"]  # the replica's
         self.tool_format = accepted.get("tool_format")  # serving.api.tool_parsers.ToolFormat when tools are on
-        self.guards = governed.OutputGuards(ticket)
+        self.guards = governed.OutputGuards(ticket, json_output=body.json_output)
 
 
 class GatewayCore:
@@ -208,11 +208,13 @@ class GatewayCore:
         self._check_ready(base)
         return base, adapter
 
-    def _admit(self, request, route: str, base: str, adapter: str | None, prompt, max_tokens: int | None, n: int):
-        """A governance Ticket for one model request (None when governance is off)."""
+    def _admit(self, request, route: str, base: str, adapter: str | None, prompt, max_tokens: int | None, n: int,
+               extra_tokens: int = 0):
+        """A governance Ticket for one model request (None when governance is off); `extra_tokens`: what the
+        prompt gains beyond its messages (tool definitions)."""
         if self.governance is None or request is None:
             return None
-        est = governed.estimate_tokens(prompt)
+        est = governed.estimate_tokens(prompt) + extra_tokens
         if max_tokens is None:  # reserve the worst case: the rest of the context
             ctx = self.context.get(base) or self.config.model(base).max_model_len or 2048
             max_tokens = max(1, ctx - est)
@@ -258,11 +260,13 @@ class GatewayCore:
         messages = body.template_messages()
         principal = governed.principal_of(request)
         decision = None
-        if self.routing is not None and self.routing.has_route(body.model):
-            from serving.router.predict import estimate_prompt_tokens
+        from serving.router.predict import estimate_prompt_tokens, estimate_tool_tokens
 
+        tools = body.tool_request
+        tool_tokens = estimate_tool_tokens(tools.tools if tools else None)  # priced and predicted with the prompt
+        if self.routing is not None and self.routing.has_route(body.model):
             decision = self.routing.decide(body, request.headers if request is not None else None,
-                                           estimate_prompt_tokens(messages), body.completion_limit())
+                                           estimate_prompt_tokens(messages) + tool_tokens, body.completion_limit())
             if principal is not None:
                 self.governance.authorize(principal, model=body.model)  # the route name is on the models list
                 self.routing.restrict(decision, lambda m: governed.allows(principal, *self.split(m)))
@@ -279,7 +283,7 @@ class GatewayCore:
                 exc.param = "retrieval.collection"
                 raise
         ticket = self._admit(request, "/v1/chat/completions", base, adapter, messages, body.completion_limit(),
-                             body.n)
+                             body.n, extra_tokens=tool_tokens)
         headers: dict[str, str] = {}
         routed = None
         try:
@@ -289,7 +293,6 @@ class GatewayCore:
             citations = None
             if body.retrieval is not None:
                 messages, citations = await self._ground(body.retrieval, messages)
-            tools = body.tool_request
             if ticket is not None:
                 ticket.constraint = describe_constraint(body.structured, tools.tools if tools else None)
             req = {"kind": "chat", "messages": messages, "sampling": body.to_sampling(), "adapter": adapter,
@@ -374,8 +377,11 @@ class GatewayCore:
                 rec.delta(item)
                 if run.ticket is not None:
                     run.ticket.completion_tokens = rec.completion_tokens
-                self._guard_item(run, item)
-                out = chunks.tool_chunks(item, calls) if calls else [c for c in [chunks.delta_chunk(item)] if c]
+                if calls:  # parse first, then guard content as text and arguments inside JSON strings
+                    out = chunks.tool_chunks(item, calls, run.guards.pieces if run.guards.active else None)
+                else:
+                    self._guard_item(run, item)
+                    out = [c for c in [chunks.delta_chunk(item)] if c]
                 if item.get("finished") and run.citations is not None and not body.include_usage:
                     out = out or [chunks.empty_chunk()]
                     out[-1]["citations"] = run.citations  # the final chunk carries the sources
@@ -420,7 +426,10 @@ class GatewayCore:
                         lps[i] = (lps[i] or []) + c["logprobs"]
                     if c["finish_reason"]:
                         reasons[i] = finish(c["finish_reason"])
-            outputs = [run.guards.whole("".join(t)) for t in texts]  # PIIBlocked: a 400 naming the kinds
+            if run.tool_format is None:
+                outputs = [run.guards.whole("".join(t)) for t in texts]  # PIIBlocked: a 400 naming the kinds
+            else:  # calls in the model's format -> message.tool_calls; guarded after parsing
+                outputs = [self._parse_calls(run, "".join(t)) for t in texts]
             status = 200
         except BaseException as exc:
             status = getattr(exc, "status", None) if isinstance(getattr(exc, "status", None), int) else status
@@ -434,13 +443,11 @@ class GatewayCore:
             lp = chat_logprobs(lps[i] or []) if body.logprobs else None
             message = {"role": "assistant", "content": outputs[i], "refusal": None}
             reason = reasons[i] or "stop"
-            if run.tool_format is not None:  # calls in the model's format -> message.tool_calls
-                parsed = run.tool_format.stream()
-                parsed.feed(outputs[i])
-                parsed.finish()
-                message["content"], reason = parsed.content, parsed.finish_reason(reason)
-                if parsed.tool_calls:
-                    message["tool_calls"] = parsed.tool_calls
+            if run.tool_format is not None:
+                content, calls, reason = outputs[i](reason)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = calls
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
                "model": body.model, "system_fingerprint": run.fingerprint, "choices": choices,
@@ -448,6 +455,19 @@ class GatewayCore:
         if run.citations is not None:
             out["citations"] = run.citations
         return out
+
+    @staticmethod
+    def _parse_calls(run: ChatRun, text: str):
+        """A whole answer in the model's call format -> a function of the engine's finish reason giving
+        (content, tool_calls, finish_reason), content and arguments through the output guards."""
+        parsed = run.tool_format.stream()
+        parsed.feed(text)
+        parsed.finish()
+        content = run.guards.whole(parsed.content, json_text=False)
+        calls = [{**c, "function": {**c["function"], "arguments": run.guards.whole(c["function"]["arguments"],
+                                                                                    json_text=True)}}
+                 for c in parsed.tool_calls]
+        return lambda reason: (content, calls, parsed.finish_reason(reason))
 
     # ---- completions ----------------------------------------------------------------------------
     async def completion(self, body: CompletionRequest, request=None):

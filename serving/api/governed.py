@@ -64,31 +64,106 @@ def check_logprobs(ticket, wanted: bool) -> None:
                        param="logprobs", code="unsupported_parameter")
 
 
-class OutputGuards:
-    """One serving.governance StreamGuard per output (choice index); a no-op when outputs are allowed."""
+class JsonStrings:
+    """Passes JSON text through a StreamGuard inside string literals only, so personal data in string values
+    is redacted and the JSON stays valid (placeholders such as [EMAIL] hold no quote or backslash); structure
+    and numbers pass as they are. A string's end flushes the guard: no value spans two strings."""
 
-    def __init__(self, ticket):
+    def __init__(self, guard):
+        self.guard, self.in_str, self.esc = guard, False, False
+
+    def feed(self, text: str, final: bool = False) -> str:
+        out, buf = [], []
+        for ch in text:
+            if not self.in_str:
+                out.append(ch)
+                self.in_str = ch == '"'
+            elif self.esc:
+                self.esc = False
+                buf.append(ch)
+            elif ch == "\\":
+                self.esc = True
+                buf.append(ch)
+            elif ch == '"':
+                out.append(self.guard.feed("".join(buf)) + self.guard.flush())
+                out.append(ch)
+                buf, self.in_str = [], False
+            else:
+                buf.append(ch)
+        if buf:
+            out.append(self.guard.feed("".join(buf)))
+        if final:
+            out.append(self.guard.flush())
+        return "".join(out)
+
+
+class OutputGuards:
+    """One serving.governance StreamGuard per output (a choice's text, or one tool call's arguments); a no-op
+    when outputs are allowed. JSON outputs (response_format json, tool arguments) are guarded inside their
+    string values only (JsonStrings), so redaction keeps them valid."""
+
+    def __init__(self, ticket, json_output: bool = False):
         self.ticket = ticket
         self.active = ticket is not None and ticket.output_action != "allow"
-        self.guards: dict[int, object] = {}
+        self.json_output = json_output
+        self.guards: dict = {}  # key -> StreamGuard (what close() reports)
+        self.readers: dict = {}  # key -> the guard, or its JsonStrings wrapper
 
-    def feed(self, index: int, text: str, final: bool) -> str:
-        """Text safe to send now; `final` flushes what the guard held back. Raises PIIBlocked under `block`."""
+    def feed(self, index, text: str, final: bool, json_text: bool | None = None) -> str:
+        """Text safe to send now; `final` flushes what the guard held back. Raises PIIBlocked under `block`.
+        `index` keys the guard (a choice index, or (choice, call) for tool arguments)."""
         if not self.active:
             return text
-        guard = self.guards.get(index)
-        if guard is None:
+        reader = self.readers.get(index)
+        if reader is None:
             guard = self.guards[index] = self.ticket.output_guard()
+            wrap = self.json_output if json_text is None else json_text
+            reader = self.readers[index] = JsonStrings(guard) if wrap else guard
         try:
-            out = guard.feed(text) if text else ""
-            return out + guard.flush() if final else out
+            if isinstance(reader, JsonStrings):
+                return reader.feed(text, final)
+            out = reader.feed(text) if text else ""
+            return out + reader.flush() if final else out
         except Exception:
-            self.ticket._note_output(guard, "block")
+            self.ticket._note_output(self.guards[index], "block")
             raise
 
-    def whole(self, text: str) -> str:
+    def pieces(self, index: int, pieces: list[dict], done: bool) -> list[dict]:
+        """A choice's parsed stream deltas (content / tool_calls, serving.api.tool_parsers) through the guards:
+        content as text, each call's arguments inside JSON strings; `done` flushes what they held back."""
+        out = []
+        for d in pieces:
+            if "content" in d:
+                text = self.feed((index, "content"), d["content"], False, json_text=False)
+                if text:
+                    out.append({"content": text})
+                continue
+            calls = []
+            for c in d["tool_calls"]:
+                fn = c.get("function", {})
+                if fn.get("arguments"):
+                    fn = {**fn, "arguments": self.feed((index, c["index"]), fn["arguments"], False, json_text=True)}
+                calls.append({**c, "function": fn})
+            out.append({"tool_calls": calls})
+        if done:
+            for key in [k for k in self.readers if isinstance(k, tuple) and k[0] == index]:
+                tail = self.feed(key, "", True)
+                if tail:
+                    out.append({"content": tail} if key[1] == "content" else
+                               {"tool_calls": [{"index": key[1], "function": {"arguments": tail}}]})
+        return out
+
+    def whole(self, text: str | None, json_text: bool | None = None) -> str | None:
         """A complete (non-streamed) output, redacted or refused."""
-        return self.ticket.check_output(text) if self.active else text
+        if not self.active or text is None:
+            return text
+        if not (self.json_output if json_text is None else json_text):
+            return self.ticket.check_output(text)
+        key = ("whole", len(self.guards))
+        out = self.feed(key, text, True, json_text=True)
+        self.ticket._note_output(self.guards.pop(key), self.ticket.output_action)
+        self.readers.pop(key)
+        return out
 
     def close(self) -> None:
         """Record what the guards found in the audit entry (once, at the end of a stream)."""

@@ -60,6 +60,17 @@ class _Sampling(_Req):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
+    _structured: Any = PrivateAttr(None)  # the output constraint, set by check() (serving.api.structured)
+
+    @property
+    def structured(self) -> dict | None:
+        """The engine's structured-output spec of a checked request, else None."""
+        return self._structured
+
+    @property
+    def json_output(self) -> bool:
+        """Whether the output is constrained to JSON (output guards then redact inside string values only)."""
+        return self._structured is not None and self._structured["type"] in ("json_schema", "json_object")
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -113,7 +124,6 @@ class ChatCompletionRequest(_Sampling):
     response_format: Any = None
     structured_outputs: Any = None  # vLLM's extension: {"json"|"regex"|"choice"|"grammar"|"json_object": ...}
     _tools: Any = PrivateAttr(None)  # set by check()
-    _structured: Any = PrivateAttr(None)
     # extensions: grounded chat (serving.rag.grounding) and routing overrides (serving.router.headers);
     # typed Any here so their own parsers can name the field in a 400
     retrieval: Any = None
@@ -147,10 +157,7 @@ class ChatCompletionRequest(_Sampling):
         """serving.api.tools.ToolRequest of a checked request that may call tools, else None."""
         return self._tools
 
-    @property
-    def structured(self) -> dict | None:
-        """The engine's structured-output spec of a checked request (serving.api.structured), else None."""
-        return self._structured
+
 
     def template_messages(self) -> list[dict]:
         """Messages as the chat template expects them: text content only, `developer` as `system`."""
@@ -202,7 +209,6 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     structured_outputs: Any = None  # vLLM's extension, as on chat
     response_format: Any = None  # accepted on completions too, as vLLM does
-    _structured: Any = PrivateAttr(None)  # set by check()
 
     def check(self) -> None:
         self.check_common()

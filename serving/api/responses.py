@@ -103,10 +103,11 @@ class ChatChunks:
                             "finish_reason": finish(c["finish_reason"])})
         return self._chunk(choices) if choices else None
 
-    def tool_chunks(self, item: dict, calls: dict) -> list[dict]:
+    def tool_chunks(self, item: dict, calls: dict, guard=None) -> list[dict]:
         """Chunks for one item when tools are on: each choice's text goes through its call parser
         (serving.api.tool_parsers), which turns it into content and `delta.tool_calls` pieces (index, id and
-        name first, then argument fragments); one piece a chunk, as OpenAI streams them."""
+        name first, then argument fragments); one piece a chunk, as OpenAI streams them. `guard(index, pieces,
+        done)` (the output guards) may rewrite the pieces."""
         out = []
         for c in item["choices"]:
             stream = calls[c["index"]]
@@ -114,6 +115,8 @@ class ChatChunks:
             done = c["finish_reason"] is not None
             if done:
                 pieces += stream.finish()
+            if guard is not None:
+                pieces = guard(c["index"], pieces, done)
             lp = chat_logprobs(c["logprobs"])
             for p, delta in enumerate(pieces):
                 last = done and p == len(pieces) - 1

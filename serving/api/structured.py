@@ -92,16 +92,23 @@ def request_spec(response_format: Any, structured_outputs: Any) -> dict | None:
     return a or b
 
 
-def tool_grammar_spec(grammar, tools: list[dict]) -> dict | None:
-    """serving.api.tool_parsers.ToolGrammar -> the engine's `tool_calls` spec; each tag's errors name its
-    tool's `tools[i].function.parameters`."""
+def tool_grammar_spec(grammar, request) -> dict | None:
+    """serving.api.tool_parsers.ToolGrammar of a serving.api.tools.ToolRequest -> the engine's `tool_calls`
+    spec; each tag's errors name its tool's `tools[i].function.parameters`. A named tool_choice makes exactly
+    one call (as vLLM and OpenAI do), whatever parallel_tool_calls says."""
     if grammar is None:
         return None
+    tools = request.tools
     index = {t["function"]["name"]: i for i, t in enumerate(tools)}
     tags = [{"begin": t.begin, "schema": t.schema, "end": t.end,
              "param": f"tools[{index.get(t.tool, 0)}].function.parameters"} for t in grammar.tags]
-    return {"type": "tool_calls", "mode": grammar.mode, "tags": tags, "triggers": list(grammar.triggers),
-            "parallel": grammar.max_calls is None, "separator": grammar.separator, "param": "tools"}
+    parallel = grammar.max_calls is None and request.choice.function is None
+    spec = {"type": "tool_calls", "mode": grammar.mode, "tags": tags, "parallel": parallel, "param": "tools"}
+    if grammar.mode == "auto":
+        spec["triggers"] = list(grammar.triggers)
+    else:
+        spec["separator"] = grammar.separator
+    return spec
 
 
 def describe(spec: dict | None, tools: list[dict] | None) -> dict | None:

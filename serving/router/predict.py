@@ -132,4 +132,13 @@ def estimate_prompt_tokens(messages: list[dict] | str) -> int:
         if isinstance(content, list):  # content parts: count the text ones
             content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
         chars += len(str(content or ""))
+        for call in (m.get("tool_calls") or []) if isinstance(m, dict) else []:  # calls in the history
+            chars += len(str(call.get("function", {}).get("arguments", ""))) + 16 if isinstance(call, dict) else 0
     return -(-chars // 4) + 4 * len(messages)
+
+
+def estimate_tool_tokens(tools: list[dict] | None) -> int:
+    """Tokens the tool definitions add to a prompt (the template or loraplex's fallback renders them)."""
+    import json
+
+    return -(-len(json.dumps(tools)) // 4) + 32 if tools else 0
