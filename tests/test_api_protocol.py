@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from serving.api.errors import APIError, install_error_handlers
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, split_model
-from serving.api.responses import ChatChunks, CompletionLogprobs, usage
+from serving.api.wire import CompletionLogprobs, usage
 from serving.engine import SamplingParams
 
 
@@ -59,8 +59,10 @@ def _error(r, status=400):
     ({"top_logprobs": 1}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stop": ["a", ""]}, "stop"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}]},
+     "tools[0].function.parameters"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
@@ -155,11 +157,24 @@ def test_split_model_and_chunks():
     out = conv.convert([{"id": 1, "token": "He", "logprob": -0.5, "top": [(2, "A", -0.1)]},
                         {"id": 3, "token": "llo", "logprob": -1.0, "top": []}])
     assert out["text_offset"] == [0, 2] and out["top_logprobs"][0] == {"A": -0.1, "He": -0.5}
-    chunks = ChatChunks("m", include_usage=True, fingerprint="fp_test")
-    assert chunks.role_chunk(2)["choices"][1]["delta"] == {"role": "assistant", "content": ""}
-    item = {"choices": [{"index": 0, "text": "", "num_tokens": 1, "logprobs": None, "finish_reason": "length"}]}
-    last = chunks.delta_chunk(item)
+    import json
+    from types import SimpleNamespace
+
+    from serving.api.chat import ChatStream
+    from serving.api.outputs import ChoiceDelta
+
+    def event(s):
+        assert s.startswith("data: ") and s.endswith("\n\n")
+        return json.loads(s[6:])
+
+    g = SimpleNamespace(model_name="m", fingerprint="fp_test", req=SimpleNamespace(n=2), tool_format=None,
+                        citations=None)
+    chunks = ChatStream(g, include_usage=True)
+    assert event(chunks.start(g)[0])["choices"][1]["delta"] == {"role": "assistant", "content": ""}
+    (last,) = chunks.deltas(g, {"finished": True}, [ChoiceDelta(0, "", None, None, "length")])
+    last = event(last)
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "length"
-    assert last["usage"] is None
-    assert chunks.usage_chunk(usage(3, 4))["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
-                                                          "total_tokens": 7}
+    assert last["usage"] is None and last["system_fingerprint"] == "fp_test"
+    end = chunks.end(g, usage(3, 4))
+    assert event(end[0])["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert end[-1] == "data: [DONE]\n\n"

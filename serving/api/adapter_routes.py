@@ -23,22 +23,23 @@ def _base_from_adapter_config(source: str) -> str | None:
 
 
 def build_router(core) -> APIRouter:
-    """`core` is the GatewayCore: its `llm` handles and its `adapter_bases` index (adapter name -> base)."""
+    """`core` is the GatewayCore; its deployments hold the handles, names and the adapter index."""
     router = APIRouter()
+    deps = core.deployments
 
     def pick_base(body: dict, name: str) -> str:
         base = body.get("base") or body.get("model")
         if base is None:
-            if len(core.llm) == 1:
-                return next(iter(core.llm))
-            declared = core.canonical(_base_from_adapter_config(body["source"]) or "")
+            if len(deps.llm) == 1:
+                return next(iter(deps.llm))
+            declared = deps.canonical(_base_from_adapter_config(body["source"]) or "")
             if declared is not None:
                 return declared
             raise APIError(400, f"say which base model adapter {name!r} is for: 'base' is one of "
-                                f"{', '.join(core.llm)}", param="base", code="missing_base")
-        if not isinstance(base, str) or core.canonical(base) is None:
+                                f"{', '.join(deps.llm)}", param="base", code="missing_base")
+        if not isinstance(base, str) or deps.canonical(base) is None:
             raise APIError(404, f"The model `{base}` does not exist.", param="base", code="model_not_found")
-        return core.canonical(base)
+        return deps.canonical(base)
 
     @router.post("/v1/adapters")
     async def add_adapter(request: Request):
@@ -61,21 +62,21 @@ def build_router(core) -> APIRouter:
             raise APIError(400, f"{name!r} is not a usable adapter name (no ':' or '/', at most 128 characters)",
                            param="name", code="invalid_value")
         base = pick_base(body, name)
-        if core.canonical(name) is not None or (name in core.adapter_bases and core.adapter_bases[name] != base):
+        if deps.canonical(name) is not None or (name in deps.adapter_bases and deps.adapter_bases[name] != base):
             raise APIError(409, f"the name {name!r} is already in use", param="name", code="adapter_exists")
-        core._check_ready(base)
-        result = await core.llm[base].add_adapter.remote(name, source, force)
+        deps.check_ready(base)
+        result = await deps.llm[base].add_adapter.remote(name, source, force)
         if not result["ok"]:
             raise APIError.from_dict(result["error"])
         record(base, name, source, force)
-        core.adapter_bases[name] = base
+        deps.adapter_bases[name] = base
         return result["adapter"]
 
     @router.get("/v1/adapters")
     async def list_adapters():
         cards = []
-        for base, handle in core.llm.items():
-            if base in core.ready:
+        for base, handle in deps.llm.items():
+            if base in deps.ready:
                 cards.extend(await handle.adapters.remote())
         return {"object": "list", "data": cards}
 
@@ -92,14 +93,14 @@ def build_router(core) -> APIRouter:
 
         base, _, adapter = name.rpartition(":")
         adapter = adapter or name
-        base = base or core.adapter_bases.get(adapter)
-        if base not in core.llm:
+        base = base or deps.adapter_bases.get(adapter)
+        if base not in deps.llm:
             raise APIError(404, f"no adapter named {name!r}", param="name", code="adapter_not_found")
-        result = await core.llm[base].remove_adapter.remote(adapter)
+        result = await deps.llm[base].remove_adapter.remote(adapter)
         if not result["ok"]:
             raise APIError.from_dict(result["error"])
         record(base, adapter, None)
-        core.adapter_bases.pop(adapter, None)
+        deps.adapter_bases.pop(adapter, None)
         return {"id": f"{base}:{adapter}", "object": "adapter", "deleted": True}
 
     return router

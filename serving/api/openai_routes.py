@@ -1,10 +1,11 @@
-"""The FastAPI app of the gateway: OpenAI endpoints, /health, /ready, /metrics."""
+"""The FastAPI app of the gateway: the endpoint modules mounted on OpenAI's paths, /health, /ready, /metrics."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serving.api import chat, completions, embeddings, models
 from serving.api.errors import install_error_handlers
 from serving.api.metrics import CONTENT_TYPE
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -26,7 +27,7 @@ def create_app(core) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        return await core.readiness()
+        return await core.deployments.readiness()
 
     @app.get("/metrics")
     async def metrics():
@@ -35,30 +36,32 @@ def create_app(core) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        return await core.models(request)
+        return await models.list_models(core, request)
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
-        return await core.model(model_id, request)
+        return await models.get_model(core, model_id, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        result, headers = await core.chat(body, request)
-        if isinstance(result, dict):
-            return JSONResponse(result, headers=headers)
-        return StreamingResponse(result, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        result, headers = await chat.handle(core.pipeline, body, request)
+        return _answer(result, headers)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        result = await core.completion(body, request)
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+    async def text_completions(body: CompletionRequest, request: Request):
+        return _answer(await completions.handle(core.pipeline, body, request), {})
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request):
-        return await core.embeddings(body, request)
+    async def create_embeddings(body: EmbeddingRequest, request: Request):
+        return await embeddings.handle(core, body, request)
 
     for router in core.extra_routers:
         app.include_router(router)
     return app
+
+
+def _answer(result, headers: dict):
+    """A whole body as JSON, or an SSE iterator as a streaming response."""
+    if isinstance(result, dict):
+        return JSONResponse(result, headers=headers)
+    return StreamingResponse(result, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})

@@ -4,7 +4,7 @@ Field names, defaults and ranges follow OpenAI's API. Unknown fields are ignored
 clients keep working; known fields we cannot honour (functions, logit_bias, suffix, ...) are refused by name.
 Tools (serving.api.tools) and output constraints (serving.api.structured) are validated here, so a bad one is a
 400 naming its field before any replica is asked.
-Responses are built as plain dicts in serving.api.responses (cheaper than pydantic on every stream chunk).
+Bodies and chunks are plain dicts built by the endpoint modules (cheaper than pydantic on every stream chunk).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ decisions with header/body overrides, and one stream per candidate that the rout
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -11,7 +10,6 @@ from serving.api.errors import APIError
 from serving.api.streaming import cancel_stream
 
 log = logging.getLogger("loraplex.gateway.routing")
-STATS_INTERVAL_S = 1.0
 
 
 def router_error(exc) -> APIError:
@@ -21,14 +19,15 @@ def router_error(exc) -> APIError:
 
 
 class GatewayRouter:
-    """Holds the Router; `core` is the GatewayCore (handles, readiness, open())."""
+    """Holds the Router; `deployments` (serving.api.deployments) are the handles, readiness and stats."""
 
-    def __init__(self, core, config, registry=None):
+    def __init__(self, deployments, config, registry=None):
         from serving.router import Router, SignalTracker
 
-        self.core = core
+        self.deployments = deployments
         self.config = config
         self.router = Router(config.parsed_routes(), SignalTracker(), registry=registry)
+        deployments.on_context.append(self.refresh_context)
 
     def has_route(self, name: str) -> bool:
         return self.router.has_route(name)
@@ -45,28 +44,11 @@ class GatewayRouter:
             log.warning("routes not refreshed: %s", exc)
 
     # ---- live signals -----------------------------------------------------------------------------------
-    async def poll(self) -> None:
-        """Feed each loaded deployment's engine stats to the router; a slow poll is skipped, never marks a
-        deployment down (real failures show up on the request path and put it in cooldown)."""
-        tracker = self.router.signals
-
-        async def one(name: str) -> None:
-            if name not in self.core.ready:
-                return
-            try:
-                stats = await asyncio.wait_for(self.core._await(self.core.llm[name].stats.remote()), timeout=5.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("stats of %s: %s", name, exc)
-                return
-            stats = dict(stats)
-            stats.setdefault("max_num_seqs", self.config.model(name).max_num_seqs)  # slots per replica
-            tracker.observe_stats(name, stats)
-
-        while True:
-            await asyncio.gather(*(one(n) for n in self.core.llm))
-            await asyncio.sleep(STATS_INTERVAL_S)
+    def observe_stats(self, name: str, replicas: list[dict]) -> None:
+        """Engine stats the deployments polled (serving.api.deployments.poll_stats): the freshest replica's.
+        A slow poll is skipped, never marks a deployment down (real failures show up on the request path and
+        put it in cooldown)."""
+        self.router.signals.observe_stats(name, max(replicas, key=lambda s: s.get("time", 0)))
 
     # ---- one request ------------------------------------------------------------------------------------
     def decide(self, body, headers, prompt_tokens: int, max_tokens: int | None):
@@ -95,9 +77,9 @@ class GatewayRouter:
         from serving.router import RouterError
 
         async def candidate(cand):
-            base, adapter = self.core.resolve(cand.model)
+            base, adapter = self.deployments.resolve(cand.model, self.routes)
             opened_at[:] = [time.monotonic()]
-            accepted, gen = await self.core.open(base, {**req, "adapter": adapter})
+            accepted, gen = await self.deployments.open(base, {**req, "adapter": adapter})
             finished = False
             try:
                 yield {**accepted, "base": base, "adapter": adapter}
@@ -115,6 +97,13 @@ class GatewayRouter:
         it = aiter(stream)
         accepted = await anext(it)
         return stream, it, accepted
+
+    @staticmethod
+    def response_headers(routed) -> dict[str, str]:
+        """X-Routed-Model and X-Route-Decision of an answered routed request."""
+        from serving.router import response_headers
+
+        return response_headers(routed)
 
     def observe(self, answered, rec, opened_at: float) -> None:
         """A finished request's timings for its deployment's signals (routed or addressed directly)."""

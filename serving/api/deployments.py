@@ -1,0 +1,206 @@
+"""The gateway's model deployments: handles, readiness, names, live engine stats, and opening replica streams.
+
+One place knows which deployments exist and which have loaded, what every name of a base model is (API name,
+repo id, aliases, adapters), and what each replica's engine reported last: /metrics and the router both read
+these stats from here, polled once. Ray-agnostic apart from the handle calls
+(`handle.options(stream=True).stream.remote(req)`, `await handle.<method>.remote()`), so a test can pass
+plain objects with the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from serving.api.errors import APIError, not_found_model
+from serving.api.protocol import split_model
+from serving.api.streaming import cancel_stream
+
+log = logging.getLogger("loraplex.gateway")
+STATS_MAX_AGE_S = 60.0  # a replica that has not answered for this long is dropped from the sums
+STATS_INTERVAL_S = 1.0  # the poll's period while a router reads the stats
+
+
+class Deployments:
+    def __init__(self, config, llm_handles: dict, embed_handle=None, rag_handle=None):
+        self.config = config
+        self.llm = dict(llm_handles)
+        self.embed = embed_handle
+        self.embed_name = config.embeddings.name if (embed_handle is not None and config.embeddings.enabled) else None
+        self.embed_info: dict | None = None
+        self.rag = rag_handle
+        self.ready: set[str] = set()
+        self.context: dict[str, int] = {}  # max_model_len each loaded model reported
+        self.stats: dict[str, dict[str, dict]] = {name: {} for name in self.llm}  # model -> replica -> stats
+        self.on_context = []  # callbacks(context) when a model reports its context length (routes)
+        # every name of a base model (API name, repo id, aliases; lower-cased) -> its API name
+        self.identities: dict[str, str] = {}
+        for m in config.models:
+            self.learn_names(m.name, m.identity().names())
+        from serving.adapters import read_registry
+
+        # adapter name -> base model, so `model: "<adapter>"` works without the base prefix
+        self.adapter_bases = {a.name: a.base for a in config.adapters}
+        for base, names in read_registry().items():
+            if base in self.llm:
+                self.adapter_bases.update({n: base for n in names})
+
+    # ---- readiness ------------------------------------------------------------------------------
+    def start(self) -> list[asyncio.Task]:
+        """Wait (in the background) for each deployment's first replica to load its model."""
+        tasks = [asyncio.ensure_future(self._wait_ready(name, h)) for name, h in self.llm.items()]
+        if self.embed is not None:
+            tasks.append(asyncio.ensure_future(self._wait_ready(self.embed_name, self.embed)))
+        return tasks
+
+    async def _wait_ready(self, name: str, handle) -> None:
+        while True:
+            try:
+                info = await handle.ready.remote()
+                if name == self.embed_name:
+                    self.embed_info = info
+                elif isinstance(info, dict) and info.get("max_model_len"):
+                    self.context[name] = int(info["max_model_len"])
+                    self.learn_names(name, [info.get("hf_id"), *(info.get("aliases") or [])])
+                    for callback in self.on_context:
+                        callback(self.context)
+                self.ready.add(name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a replica failing to start: keep waiting, Serve restarts it
+                log.warning("model %s not ready yet: %s", name, exc)
+                await asyncio.sleep(2.0)
+
+    def all_names(self) -> list[str]:
+        return list(self.llm) + ([self.embed_name] if self.embed_name else [])
+
+    def check_ready(self, name: str) -> None:
+        if name not in self.ready:
+            raise APIError(503, f"The model `{name}` is still loading; try again shortly.",
+                           code="model_not_ready", retry_after=5)
+
+    async def readiness(self) -> dict:
+        missing = [n for n in self.all_names() if n not in self.ready]
+        if missing:
+            raise APIError(503, f"Not ready: still loading {', '.join(missing)}.", code="not_ready",
+                           retry_after=5)
+        return {"status": "ready", "models": self.all_names()}
+
+    # ---- names ----------------------------------------------------------------------------------
+    def learn_names(self, base: str, names) -> None:
+        """Accept these names (a repo id, aliases) for `base` in requests; a name another model holds stays its."""
+        for n in names:
+            if n:
+                self.identities.setdefault(n.lower(), base)
+
+    def canonical(self, name: str) -> str | None:
+        """The API name of the base model that `name` (its name, repo id or an alias) denotes, or None."""
+        return name if name in self.llm else self.identities.get(name.lower())
+
+    def split(self, model: str) -> tuple[str, str | None]:
+        """'base:adapter', 'base' or a bare adapter name -> (base, adapter), without checks; the base may be
+        given by any of its names (repo id in any letter case, alias)."""
+        base, adapter = split_model(model)
+        canon = self.canonical(base)
+        if canon is not None:
+            return canon, adapter
+        if adapter is None and base in self.adapter_bases:
+            return self.adapter_bases[base], base
+        return base, adapter
+
+    def resolve(self, model: str, routes=()) -> tuple[str, str | None]:
+        base, adapter = self.split(model)
+        if base not in self.llm:
+            raise not_found_model(model, list(self.llm) + list(routes))
+        self.check_ready(base)
+        return base, adapter
+
+    # ---- replica streams ------------------------------------------------------------------------
+    async def open(self, base: str, req: dict):
+        """Start a replica stream and wait for its first item: accepted (go on) or error (raise)."""
+        from ray.serve.exceptions import BackPressureError
+
+        gen = self.llm[base].options(stream=True).stream.remote(req)
+        try:
+            first = await gen.__anext__()
+        except BackPressureError:
+            raise APIError(429, f"The model `{base}` is overloaded; retry later.", code="queue_full",
+                           retry_after=1) from None
+        except StopAsyncIteration:
+            raise APIError(500, "the model deployment ended the stream early", type="server_error") from None
+        except BaseException:
+            cancel_stream(gen)
+            raise
+        if first["kind"] == "error":
+            raise APIError.from_dict(first["error"])
+        return first, gen
+
+    async def open_many(self, base: str, reqs: list[dict]):
+        results = await asyncio.gather(*(self.open(base, r) for r in reqs), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for r in results:
+                if not isinstance(r, BaseException):
+                    cancel_stream(r[1])
+            raise errors[0]
+        return results
+
+    # ---- engine stats ---------------------------------------------------------------------------
+    async def refresh_stats(self) -> None:
+        """Read engine stats from the model deployments (the last answer of each replica is kept)."""
+        async def one(name):
+            try:
+                s = await asyncio.wait_for(_await(self.llm[name].stats.remote()), timeout=2.0)
+            except Exception:
+                return
+            s = dict(s)
+            s.setdefault("max_num_seqs", self.config.model(name).max_num_seqs)  # slots per replica
+            self.stats[name][s.get("replica", "?")] = s
+
+        # Serve has no broadcast: ask as many times as the deployment may have replicas, keep one per replica.
+        await asyncio.gather(*(one(n) for n in self.llm if n in self.ready for _ in range(self._max_replicas(n))))
+        now = time.time()
+        for per in self.stats.values():
+            for rid in [r for r, s in per.items() if now - s.get("time", now) > STATS_MAX_AGE_S]:
+                del per[rid]
+
+    async def poll_stats(self, on_stats) -> None:
+        """Refresh the stats every STATS_INTERVAL_S and hand each model's replicas to `on_stats(name, list)`."""
+        while True:
+            await self.refresh_stats()
+            for name, per in self.stats.items():
+                if per:
+                    on_stats(name, list(per.values()))
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    def _max_replicas(self, name: str) -> int:
+        spec = self.config.model(name)
+        n = spec.autoscaling.max_replicas if spec.autoscaling else spec.num_replicas
+        return 1 if n == 1 else min(n * 2, 16)
+
+    # ---- listings -------------------------------------------------------------------------------
+    async def model_cards(self) -> list[dict]:
+        """Models and their adapters (from the loaded replicas), still-loading models, the embedding model."""
+        cards: list[dict] = []
+        names = [n for n in self.llm if n in self.ready]
+        results = await asyncio.gather(*(self.llm[n].models.remote() for n in names), return_exceptions=True)
+        for name, res in zip(names, results):
+            if isinstance(res, BaseException):
+                log.warning("listing models of %s failed: %s", name, res)
+                continue
+            cards.extend(res)
+        for name in self.llm:
+            if name not in self.ready:  # still loading: listed, without details
+                cards.append({"id": name, "object": "model", "created": 0, "owned_by": "loraplex",
+                              "root": name, "parent": None})
+        if self.embed_name:
+            cards.append({"id": self.embed_name, "object": "model", "created": 0, "owned_by": "loraplex",
+                          "root": self.embed_name, "parent": None, "type": "embedding",
+                          "dim": (self.embed_info or {}).get("dim")})
+        return cards
+
+
+async def _await(resp):
+    return await resp
