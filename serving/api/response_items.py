@@ -26,6 +26,7 @@ import secrets
 from typing import Any
 
 from serving.api.errors import APIError
+# the chat side's own rules (name pattern, JSON Schema check), so a tool is valid in both APIs or in neither
 from serving.api.tools import _NAME, MAX_TOOLS, _check_parameters, _kind, check_messages
 
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
