@@ -233,10 +233,11 @@ def build_app(config: ServeConfig):
 
 
 def _with_data_paths(config: ServeConfig) -> dict:
-    """The config for the gateway, its governance database and audit log pinned to this process's data dir
-    (a replica on another node must not fall back to its own $LORAPLEX_HOME)."""
+    """The config for the gateway, its governance database, audit log and stored responses pinned to this
+    process's data dir (a replica on another node must not fall back to its own $LORAPLEX_HOME)."""
     data = config.model_dump()
     gov = config.governance
     data["governance"]["database"] = str(gov.database_path())
     data["governance"]["audit"]["path"] = str(gov.audit_path())
+    data["responses"]["database"] = config.responses.database_path()
     return data

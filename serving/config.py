@@ -204,6 +204,18 @@ class FineTuningSpec(_Strict):
     enabled: bool = True
 
 
+class ResponsesSpec(_Strict):
+    """Stored responses of the Responses API (`store: true`, the default, as OpenAI)."""
+
+    ttl_s: float = Field(30 * 24 * 3600, gt=0, description="a stored response expires after this (seconds)")
+    database: str | None = Field(None, description="SQLite path; None: $LORAPLEX_HOME/responses/responses.sqlite3")
+
+    def database_path(self) -> str:
+        from loraplex.paths import subdir
+
+        return self.database or str(subdir("responses") / "responses.sqlite3")
+
+
 class ServeConfig(_Strict):
     server: ServerSpec = Field(default_factory=ServerSpec)
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name=DEFAULT_MODEL)], min_length=1)
@@ -212,6 +224,7 @@ class ServeConfig(_Strict):
     embeddings: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
     rag: RagSpec = Field(default_factory=RagSpec)
     fine_tuning: FineTuningSpec = Field(default_factory=FineTuningSpec)
+    responses: ResponsesSpec = Field(default_factory=ResponsesSpec)
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
     routes: dict[str, Any] = Field(default_factory=dict, description="route name -> serving.router RouteConfig")
 

@@ -38,7 +38,7 @@ def test_shipped_config_serves_the_default_model_on_8000():
 @pytest.mark.parametrize("section", [ServerSpec, ModelSpec, EmbeddingSpec, AdapterSpec, Autoscaling,
                                      ActorOptions, RagSpec, FineTuningSpec, ModelPrice, GovernanceConfig,
                                      Limits, PIIPolicy, AuditConfig, RouteConfig, CandidateConfig, Expect,
-                                     Weights, SLO])
+                                     Weights, SLO, ResponsesSpec])
 def test_shipped_config_documents_every_key(section):
     text = SHIPPED.read_text()
     for key in section.model_fields:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api import chat, completions, embeddings, models
+from serving.api import chat, completions, embeddings, models, responses
 from serving.api.errors import install_error_handlers
 from serving.api.metrics import CONTENT_TYPE
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -50,6 +50,24 @@ def create_app(core) -> FastAPI:
     @app.post("/v1/completions")
     async def text_completions(body: CompletionRequest, request: Request):
         return _answer(await completions.handle(core.pipeline, body, request), {})
+
+    @app.post("/v1/responses")
+    async def create_response(body: responses.ResponsesRequest, request: Request):
+        return _answer(await responses.create(core, body, request), {})
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request):
+        return await responses.retrieve(core, response_id, request)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        return await responses.delete(core, response_id, request)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, request: Request, after: str | None = None,
+                               before: str | None = None, limit: int = 20, order: str = "desc"):
+        return await responses.input_items(core, response_id, request, after=after, before=before, limit=limit,
+                                           order=order)
 
     @app.post("/v1/embeddings")
     async def create_embeddings(body: EmbeddingRequest, request: Request):

@@ -9,6 +9,7 @@ the `ChoiceResult`s for the whole body.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -98,7 +99,10 @@ async def stream(pipeline, g, fmt: StreamFormat) -> AsyncIterator[str]:
             for s in fmt.deltas(g, item, deltas):
                 yield s
         g.guards.close()
-        for s in fmt.end(g, usage_of(g)):
+        events = fmt.end(g, usage_of(g))
+        if inspect.isawaitable(events):  # e.g. the Responses API stores the response before saying it is done
+            events = await events
+        for s in events:
             yield s
         status = 200
     except PIIBlocked as exc:  # personal data in the output under a `block` policy: stop, say why
