@@ -303,6 +303,23 @@ def test_compiled_grammars_are_cached_by_canonical_form(tiny):
     assert g.compile(spec(PERSON, param="response_format.json_schema.schema")) is a  # param is not in the key
 
 
+def test_cpu_mask_apply_equals_xgrammars_own_apply():
+    import xgrammar as xgr
+
+    from serving.engine.grammar import apply_bitmask_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (49152, 1000, 77):
+        mask = torch.randint(-2**31, 2**31 - 1, (5, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
+        mask[1] = -1
+        mask[2] = 0
+        logits = torch.randn(5, vocab, generator=gen)
+        ref = logits.clone()
+        xgr.apply_token_bitmask_inplace(ref, mask, vocab_size=vocab)
+        apply_bitmask_cpu(logits, mask)
+        assert torch.equal(logits, ref)
+
+
 # ---- what the grammar engine enforces, probed against the installed xgrammar --------------------------------
 ENFORCED = [  # (schema, an instance breaking only that keyword)
     ({"type": "integer"}, '"a"'), ({"enum": ["a", "b"]}, '"c"'), ({"const": 3}, "4"),

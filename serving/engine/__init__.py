@@ -10,6 +10,9 @@ Layering (after nano-vllm / vLLM v1):
   kv_cache.py      block allocator with prefix caching (hash chain of full blocks)
   scheduler.py     continuous batching, chunked prefill under a token budget, preemption by recompute
   sampler.py       logits processors and sampling (temperature, top-p/k, min-p, penalties, seeds, logprobs)
+  structured.py    structured-output specs (SamplingParams.structured): kinds, validation, canonical form
+  schema_check.py  the JSON Schema keywords the grammar engine enforces; others refused by JSON path
+  grammar.py       xgrammar: compiled-grammar LRU, a matcher per sequence, each step's masks applied together
   detokenizer.py   incremental detokenisation that never splits a multi-byte character; stop strings
   llm_engine.py    LLMEngine: synchronous add_request / step / generate
   async_engine.py  AsyncEngine: the step loop in a background thread, async streams per request

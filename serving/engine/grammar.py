@@ -7,8 +7,8 @@ and each step's token masks for all constrained rows filled and applied together
   xgrammar's own cache is off (one cache, one bound). The tokenizer's xgrammar view (~0.3 s) is built on
   the first structured request, so engines that never see one pay nothing.
 - Each step: `apply_masks(logits, seqs)` fills one bitmask row per constrained row (serially: on this 2-core
-  CPU xgrammar's thread pool was slower for 16 rows, and a fill is ~4 us a row, too little to overlap with the
-  forward pass) and applies them in one call (-inf outside the grammar) before the sampler. Greedy and
+  CPU xgrammar's thread pool was slower for 16 rows, and a fill is ~4-10 us a row, too little to overlap with
+  the forward pass) and applies them in one call (-inf outside the grammar) before the sampler. Greedy and
   sampled rows, penalties, top-k/top-p and seeds therefore all see only allowed tokens, and **logprobs of a
   constrained row are those of the masked distribution** (renormalised over the allowed tokens; disallowed
   tokens never appear in top_logprobs). Rows without a matcher are not touched.
@@ -137,8 +137,8 @@ class Grammars:
 
     # ---- each step ------------------------------------------------------------------------------------
     def apply_masks(self, logits: torch.Tensor, seqs) -> None:
-        """Mask `logits` [len(seqs), vocab] in place where seqs[i].matcher is set (one fill per such row, one
-        apply for all of them)."""
+        """Mask `logits` [len(seqs), vocab] in place where seqs[i].matcher is set: one fill per such row, one
+        apply for all of them."""
         rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if not rows:
             return
@@ -150,8 +150,14 @@ class Grammars:
         for i in rows:
             seqs[i].matcher.fill_next_token_bitmask(mask, i)
         if logits.device.type != "cpu":
-            mask = mask[:len(seqs)].to(logits.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows)
+            xgr.apply_token_bitmask_inplace(logits, mask[:len(seqs)].to(logits.device, non_blocking=True),
+                                            vocab_size=self.vocab_size, indices=rows)
+            return
+        lo, hi = rows[0], rows[-1] + 1
+        if hi - lo != len(rows):
+            free = sorted(set(range(lo, hi)) - set(rows))
+            mask[free] = -1  # unconstrained rows inside the span: nothing masked
+        apply_bitmask_cpu(logits[lo:hi], mask[lo:hi])
 
     @staticmethod
     def accept(seq, token: int) -> bool:
@@ -161,6 +167,16 @@ class Grammars:
         if not ok:
             log.error("grammar refused sampled token %d of request %s", token, seq.request_id)
         return ok
+
+
+def apply_bitmask_cpu(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """logits[i, t] = -inf where bit t of mask row i is 0. The inverted words unpack (numpy, C) straight into a
+    bool "disallowed" tensor, so the logits see one masked_fill pass: 2.7x xgrammar's own CPU apply on this
+    machine (1.8 vs 4.9 ms for 32 rows of 49152)."""
+    import numpy as np
+
+    disallowed = np.unpackbits((~mask.numpy()).view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
+    logits.masked_fill_(torch.from_numpy(disallowed).view(torch.bool), float("-inf"))
 
 
 def _json_grammar(schema):
