@@ -115,7 +115,7 @@ def test_all_candidates_failing_is_a_503_and_all_overflowing_is_a_400():
     with pytest.raises(NoCandidateAvailable) as info:
         run(router.run_with_fallback(router.decide("auto", 10, 10), down))
     assert calls == ["a", "b", "c"]  # each exactly once
-    assert info.value.status == 503 and info.value.to_openai()["error"]["code"] == "no_candidate_available"
+    assert info.value.status == 503 and info.value.body()["error"]["code"] == "no_candidate_available"
     assert "a: server_error" in info.value.message and "c: server_error" in info.value.message
     assert registry.get_sample_value("loraplex_route_unavailable_total", {"route": "auto"}) == 1
     with pytest.raises(NoCandidateAvailable):  # now all are in cooldown: refused before any call

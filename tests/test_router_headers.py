@@ -45,4 +45,4 @@ def test_bad_override_values_are_400_naming_the_header_or_field(headers, body, p
         parse_overrides(headers, body)
     assert info.value.status == 400 and info.value.param == param
     assert needle in info.value.message and param in info.value.message
-    assert info.value.to_openai()["error"]["type"] == "invalid_request_error"
+    assert info.value.body()["error"]["type"] == "invalid_request_error"

@@ -54,7 +54,7 @@ def make_gateway(router: Router, deployments: HttpDeployments) -> FastAPI:
                     async for chunk in stream:
                         yield f"data: {json.dumps(chunk)}\n\n"
                 except StreamFailedAfterFirstChunk as exc:
-                    yield f"data: {json.dumps(exc.to_openai())}\n\n"
+                    yield f"data: {json.dumps(exc.body())}\n\n"
                     return
                 router.observe(stream, ttft_s=stream.ttft_s, prompt_tokens=prompt_tokens,
                                completion_tokens=stream.chunks, e2e_s=time.monotonic() - t0)
@@ -62,8 +62,7 @@ def make_gateway(router: Router, deployments: HttpDeployments) -> FastAPI:
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers=response_headers(stream))
         except RouterError as exc:
-            headers = {"Retry-After": f"{exc.retry_after:.0f}"} if hasattr(exc, "retry_after") else None
-            return JSONResponse(exc.to_openai(), exc.status, headers=headers)
+            return exc.response()  # serving.errors.ServiceError: the body, status and Retry-After
 
     return app
 

@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status."""
+"""The API layer's errors and the gateway's error handlers: any serving.errors.ServiceError (API, governance,
+router, retrieval) answers as OpenAI's `{"error": {"message", "type", "param", "code"}}` with its status."""
 
 from __future__ import annotations
 
@@ -6,26 +7,14 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.errors import ServiceError, error_type
 
 log = logging.getLogger("loraplex.api")
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-}
-
-
-class APIError(Exception):
-    """An error answered to the client as OpenAI's error JSON."""
+class APIError(ServiceError):
+    """An error of the API layer (serving.errors.ServiceError with the status first, as HTTP reads)."""
 
     def __init__(
         self,
@@ -37,22 +26,8 @@ class APIError(Exception):
         type: str | None = None,
         retry_after: float | None = None,
     ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        self.retry_after = retry_after
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, int(round(self.retry_after))))
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        super().__init__(message, status=status, type=type or error_type(status), param=param, code=code,
+                         retry_after=retry_after)
 
     def to_dict(self) -> dict:
         """A picklable form, sent from a model deployment to the gateway."""
@@ -134,8 +109,8 @@ def validation_error(errors: list[dict]) -> APIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
+    @app.exception_handler(ServiceError)  # every area's errors (API, governance, router, retrieval)
+    async def _service_error(_: Request, exc: ServiceError):
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

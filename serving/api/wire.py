@@ -6,7 +6,6 @@ own (serving.api.chat, .completions, .responses).
 
 from __future__ import annotations
 
-import time
 import uuid
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.governance.config import Limits, Period, Role
 from serving.governance.core import ROLE_RANK, Governance
-from serving.governance.errors import GovernanceError, PermissionDenied, error_response
+from serving.governance.errors import GovernanceError, PermissionDenied
 from serving.governance.keys import Principal
 from serving.governance.middleware import GovernanceMiddleware
 from serving.governance.spend import GROUPS
@@ -153,7 +153,7 @@ async def _handle(request: Request, exc: GovernanceError) -> JSONResponse:
     ctx = getattr(request.state, "governance", None)
     if ctx is not None:
         ctx.error = exc.code
-    return error_response(exc)
+    return exc.response()
 
 
 def install(app: FastAPI, gov: Governance, *, routes: bool = True) -> None:

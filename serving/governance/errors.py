@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.errors import ServiceError
 
-class GovernanceError(Exception):
+
+class GovernanceError(ServiceError):
     """A request refused by governance: 401, 403, 429 (with Retry-After) or 400 (PII blocked)."""
 
     status = 400
@@ -14,29 +16,8 @@ class GovernanceError(Exception):
     def __init__(self, message: str, *, code: str, param: str | None = None,
                  status: int | None = None, type: str | None = None, retry_after: float | None = None,
                  extra: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
-        if status is not None:
-            self.status = status
-        if type is not None:
-            self.type = type
-        self.retry_after = retry_after
-        self.extra = extra or {}
-
-    def body(self) -> dict[str, Any]:
-        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        err.update(self.extra)
-        return {"error": err}
-
-    def headers(self) -> dict[str, str]:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
-        if self.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="loraplex"'
-        return headers
+        super().__init__(message, code=code, param=param, status=status, type=type, retry_after=retry_after,
+                         extra=extra)
 
 
 class AuthenticationError(GovernanceError):
@@ -68,10 +49,3 @@ class PIIBlocked(GovernanceError):
         )
         self.where = where
         self.kinds = kinds
-
-
-
-def error_response(exc: GovernanceError):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

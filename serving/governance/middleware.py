@@ -37,12 +37,10 @@ class GovernanceMiddleware:
             ctx.lease = self.gov.limiter.admit(self.gov.subjects(ctx.principal), count_request=True)
         except GovernanceError as exc:
             self.gov.count_rejection(exc, ctx)
-            from serving.governance.errors import error_response
-
             ctx.status = exc.status
             if ctx.principal is None and getattr(exc, "key_id", None):
                 ctx.extra["key_id"] = exc.key_id
-            await error_response(exc)(scope, receive, send)
+            await exc.response()(scope, receive, send)
             self._audit(ctx)
             return
 

@@ -52,7 +52,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 
 def _error(exc: RagError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status)
+    return exc.response()
 
 
 async def _json_body(request: Request) -> dict:

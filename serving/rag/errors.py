@@ -3,24 +3,18 @@ API turns it into {"error": {...}} without guessing; none of them is ever a 500.
 
 from __future__ import annotations
 
+from serving.errors import ServiceError
 
-class RagError(Exception):
+
+class RagError(ServiceError):
     status = 400
     type = "invalid_request_error"
-    code: str | None = None
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
+        super().__init__(message, param=param, code=code)
 
     def __reduce__(self):  # picklable across Ray Serve replicas
         return (type(self), (self.message, self.param, self.code))
-
-    def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class InvalidInputError(RagError):

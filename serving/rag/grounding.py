@@ -124,7 +124,7 @@ def retrieve_for_chat(service, retrieval, messages) -> tuple[list, list]:
     """Validate `retrieval`, query `service` (a CollectionService) and ground `messages`.
 
     Raises InvalidInputError (400) for a malformed field, CollectionNotFoundError (404) for an unknown
-    collection; both carry `param` and `code` for the OpenAI-style error body (`exc.to_dict()`, `exc.status`).
+    collection; both carry `param` and `code` for the OpenAI-style error body (`exc.body()`, `exc.status`).
     """
     req = retrieval_request(retrieval, messages, max_k=min(MAX_K, getattr(service, "max_k", MAX_K)))
     try:

@@ -6,19 +6,15 @@ to); they make the router try the next candidate. Route errors end the request.
 
 from __future__ import annotations
 
+from serving.errors import ServiceError
 
-class RouterError(Exception):
+
+class RouterError(ServiceError):
     status = 500
     type = "server_error"
-    code: str | None = None
-    param: str | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
-        self.message = message
-
-    def to_openai(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # -- configuration -------------------------------------------------------------------------------------------
