@@ -345,3 +345,18 @@ def test_usage_in_responses_form():
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 150}
     assert response_usage({"prompt_tokens": 5, "completion_tokens": 2})["total_tokens"] == 7
     assert response_usage(None) is None
+
+
+def test_an_earlier_file_search_call_is_not_replayed():
+    from serving.api.response_items import chat_messages, new_item_id
+
+    history = [{"type": "message", "id": "msg_1", "status": "completed", "role": "user",
+                "content": [{"type": "input_text", "text": "Where is the festival?"}]},
+               {"type": "file_search_call", "id": new_item_id("file_search_call"), "status": "completed",
+                "queries": ["festival"], "results": None},
+               {"type": "message", "id": "msg_2", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "In Quillmoor [1].", "annotations": []}]}]
+    items = [{"type": "message", "id": "msg_3", "status": "completed", "role": "user",
+              "content": [{"type": "input_text", "text": "When?"}]}]
+    assert [m["role"] for m in chat_messages(history, items)] == ["user", "assistant", "user"]
+    assert new_item_id("file_search_call").startswith("fs_")

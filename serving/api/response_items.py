@@ -33,7 +33,7 @@ MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 TEXT_PARTS = ("input_text", "output_text")
 MAX_ITEM_ID = 128
-_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}
+_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "file_search_call": "fs_"}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for text.format.name
 
 
@@ -189,6 +189,8 @@ def chat_messages(history: list[dict], items: list[dict], instructions: Any = No
         i = n - len(history) if n >= len(history) else None  # index in this turn's input
         where = f"input[{i}]" if i is not None else "input"
         kind = item["type"]
+        if kind == "file_search_call":  # an earlier turn's search: its sources grounded that turn only
+            continue
         if kind != "function_call_output" and open_calls and not (kind == "function_call" and tail_calls):
             _unanswered(open_calls, where)
         if kind == "message":
