@@ -59,8 +59,9 @@ def _error(r, status=400):
     ({"top_logprobs": 1}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stop": ["a", ""]}, "stop"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    # OpenAI's spec: a function's `name` is required, its `parameters` are not (none: no arguments)
+    ({"tools": [{"type": "function", "function": {"parameters": {"type": "object"}}}]}, "tools[0].function.name"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
@@ -202,3 +203,10 @@ def test_the_token_that_stops_an_answer_has_no_logprobs_entry():
     assert item("stop", 2) == ["Hi"]  # a stop token id
     assert item("stop", "END") == ["Hi", "<|im_end|>"]
     assert item("length", None) == ["Hi", "<|im_end|>"]
+
+
+def test_a_function_without_parameters_is_accepted(http):
+    """OpenAI's FunctionObject: "Omitting `parameters` defines a function with an empty parameter list"."""
+    r = http.post("/chat", json={"model": "m", "messages": MSG, "tools": [{"type": "function",
+                                                                           "function": {"name": "f"}}]})
+    assert r.status_code == 200, r.text
