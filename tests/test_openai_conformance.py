@@ -38,6 +38,8 @@ models:
     kv_cache_memory: 128MiB
     max_num_seqs: 8
     ray_actor_options: {{num_cpus: 0}}
+adapters:
+  - {{name: demo, base: {MODEL}, source: {{DEMO}}}}
 embeddings: {{ray_actor_options: {{num_cpus: 0}}}}
 rag: {{enabled: false}}
 fine_tuning: {{enabled: false}}
@@ -59,8 +61,12 @@ BASE64_EMBEDDING = {"data.*.embedding": {"type": "string", "contentEncoding": "b
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("conformance"), CONFIG)
+def server(tmp_path_factory, default_model_path):
+    from tests.conftest import make_lora_adapter
+
+    tmp = tmp_path_factory.mktemp("conformance")
+    demo = make_lora_adapter(default_model_path, tmp / "demo", 4, seed=1, std=0.05, base_name=MODEL)
+    srv = Server(tmp, CONFIG.replace("{DEMO}", str(demo)))
     try:
         yield srv.start()
     finally:
@@ -265,10 +271,25 @@ def test_embeddings_float_and_base64(http):
 def test_models_list_and_each_model(http):
     listed = body_of(http.get("/v1/models"), "get", "/models")
     ids = [m["id"] for m in listed["data"]]
-    assert MODEL in ids and EMB in ids
+    assert {MODEL, f"{MODEL}:demo", EMB} <= set(ids)  # a base, its adapter, the embedding model
     for mid in ids:
         one = body_of(http.get(f"/v1/models/{mid}"), "get", "/models/{model}")
         assert one["id"] == mid
+    by_repo_id = body_of(http.get("/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct"), "get", "/models/{model}")
+    assert by_repo_id["id"] == MODEL
+
+
+@pytest.mark.xfail(strict=True, reason="gateway.py lists the embedding model (and models still loading) with "
+                   "created: 0; Model.created is 'The Unix timestamp (in seconds) when the model was created'. "
+                   "Drop this mark with the fix")
+def test_every_model_has_a_creation_time(http):
+    listed = http.get("/v1/models").json()["data"]
+    assert {m["id"]: m["created"] for m in listed if m["created"] < 1_600_000_000} == {}
+
+
+def test_an_adapters_answers_conform_too(http):
+    chat(http, model=f"{MODEL}:demo")
+    completion(http, model=f"{MODEL}:demo")
 
 
 # ---- errors ------------------------------------------------------------------------------------------
