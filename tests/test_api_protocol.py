@@ -61,6 +61,8 @@ def _error(r, status=400):
     ({"stop": ["a", ""]}, "stop"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}]},
      "tools[0].function.parameters"),
+    # OpenAI's spec: a function's `name` is required, its `parameters` are not (none: no arguments)
+    ({"tools": [{"type": "function", "function": {"parameters": {"type": "object"}}}]}, "tools[0].function.name"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
@@ -178,3 +180,49 @@ def test_split_model_and_chunks():
     end = chunks.end(g, usage(3, 4))
     assert event(end[0])["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     assert end[-1] == "data: [DONE]\n\n"
+
+
+def test_logprobs_bytes_are_the_tokens_raw_bytes(default_model_path):
+    """An emoji is two byte-level BPE tokens whose texts are U+FFFD; their `bytes` must still join to it
+    (OpenAI's ChatCompletionTokenLogprob.bytes: combined, they give the text)."""
+    from transformers import AutoTokenizer
+
+    from serving.api.backend import TokenBytes, _logprobs_dict
+    from serving.api.wire import chat_logprobs
+    from serving.engine.outputs import TokenLogprob
+
+    tok = AutoTokenizer.from_pretrained(default_model_path)
+    ids = tok("🙂 café", add_special_tokens=False)["input_ids"]
+    lps = [TokenLogprob(i, tok.decode([i]), -0.5, [(i, tok.decode([i]), -0.5)]) for i in ids]
+    assert "\ufffd" in lps[0].token  # the premise: the first piece's text is not the emoji
+    table = TokenBytes(tok).ready()
+    content = chat_logprobs(_logprobs_dict(lps, table))["content"]
+    assert bytes(b for t in content for b in t["bytes"]).decode() == "🙂 café"
+    assert all(t["top_logprobs"][0]["bytes"] == t["bytes"] for t in content)
+    assert table(10**9, "x") == [120]  # an id beyond the vocabulary: the text's bytes
+    # without a table (an old replica), the text's bytes, as before
+    assert chat_logprobs(_logprobs_dict(lps))["content"][0]["bytes"] == list(lps[0].token.encode())
+
+
+def test_the_token_that_stops_an_answer_has_no_logprobs_entry():
+    """EOS (or a stop_token_id) ends the answer outside its text: its logprob is dropped, so the logprobs are
+    the content's tokens; a stop *string* or a length finish keeps every entry."""
+    from serving.api.backend import delta_item
+    from serving.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+
+    def item(reason, stop_reason):
+        lps = [TokenLogprob(5, "Hi", -0.1), TokenLogprob(2, "<|im_end|>", -0.2)]
+        out = RequestOutput("r", [1], [CompletionOutput(0, "Hi", [5, 2], lps, reason, stop_reason)], finished=True)
+        return [lp["token"] for lp in delta_item(out)["choices"][0]["logprobs"]]
+
+    assert item("stop", None) == ["Hi"]  # EOS
+    assert item("stop", 2) == ["Hi"]  # a stop token id
+    assert item("stop", "END") == ["Hi", "<|im_end|>"]
+    assert item("length", None) == ["Hi", "<|im_end|>"]
+
+
+def test_a_function_without_parameters_is_accepted(http):
+    """OpenAI's FunctionObject: "Omitting `parameters` defines a function with an empty parameter list"."""
+    r = http.post("/chat", json={"model": "m", "messages": MSG, "tools": [{"type": "function",
+                                                                           "function": {"name": "f"}}]})
+    assert r.status_code == 200, r.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 
@@ -18,25 +19,70 @@ from serving.api.errors import APIError
 log = logging.getLogger("loraplex.backend")
 
 
-def _logprobs_dict(lps) -> list | None:
+class TokenBytes:
+    """Each token id's raw bytes, OpenAI's logprobs `bytes`: a byte-level BPE token may be part of one UTF-8
+    character (an emoji is often two tokens), whose text alone decodes to U+FFFD, so the bytes cannot come from
+    the text. They come from xgrammar's decoded vocabulary (it reads byte-level, byte-fallback and raw
+    vocabularies alike); an id beyond it, or a tokenizer xgrammar cannot read, falls back to the text's UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._vocab: list[bytes] | None = None
+        self._built = False
+        self._lock = threading.Lock()
+
+    def ready(self) -> "TokenBytes":
+        """Build the table once (about half a second for a 50k vocabulary: call it off the event loop)."""
+        with self._lock:
+            if not self._built:
+                try:
+                    import xgrammar as xgr
+
+                    self._vocab = list(xgr.TokenizerInfo.from_huggingface(self.tokenizer).decoded_vocab)
+                except Exception:  # an unusual tokenizer: the text's bytes, as before
+                    log.warning("no byte table for this tokenizer; logprobs bytes from token text", exc_info=True)
+                self._built = True
+        return self
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        if self._vocab is not None and 0 <= token_id < len(self._vocab):
+            return list(self._vocab[token_id])
+        return list(text.encode("utf-8", errors="replace"))
+
+
+def _logprobs_dict(lps, token_bytes: TokenBytes | None = None) -> list | None:
+    """Picklable logprobs; with `token_bytes`, each token's raw `bytes` and its top entries' (`top_bytes`)."""
     if lps is None:
         return None
-    return [
-        {"id": lp.token_id, "token": lp.token, "logprob": float(lp.logprob),
-         "top": [(int(t[0]), str(t[1]), float(t[2])) for t in (lp.top or [])]}
-        for lp in lps
-    ]
+    out = []
+    for lp in lps:
+        top = [(int(t[0]), str(t[1]), float(t[2])) for t in (lp.top or [])]
+        d = {"id": lp.token_id, "token": lp.token, "logprob": float(lp.logprob), "top": top}
+        if token_bytes is not None:
+            d["bytes"] = token_bytes(lp.token_id, lp.token)
+            d["top_bytes"] = [token_bytes(i, t) for i, t, _ in top]
+        out.append(d)
+    return out
 
 
-def delta_item(out) -> dict:
+def _ended_by_stop_token(c) -> bool:
+    """Whether the choice's last token is EOS or a stop_token_id: it ends the answer without being in its text,
+    so it gets no logprobs entry (OpenAI's logprobs are the *content* tokens: their bytes join to the text)."""
+    return c.finish_reason == "stop" and not isinstance(getattr(c, "stop_reason", None), str)
+
+
+def delta_item(out, token_bytes: TokenBytes | None = None) -> dict:
     """One engine RequestOutput -> a picklable delta."""
     choices = []
     for c in out.outputs:
+        lps = c.logprobs
+        if lps and c.token_ids and _ended_by_stop_token(c) and lps[-1].token_id == c.token_ids[-1]:
+            lps = lps[:-1]
         choices.append({
             "index": c.index,
             "text": c.text,
             "num_tokens": len(c.token_ids),
-            "logprobs": _logprobs_dict(c.logprobs),
+            "logprobs": _logprobs_dict(lps, token_bytes),
             "finish_reason": c.finish_reason,
         })
     item = {"kind": "delta", "choices": choices, "finished": bool(out.finished),
@@ -62,6 +108,7 @@ class ModelBackend:
         self.tool_format = pick_parser(engine.tokenizer, tool_call_parser)
         self.adapters = dict(adapters or {})  # adapter name -> source; the engine owns the weights
         self.created = int(time.time())
+        self.token_bytes = TokenBytes(engine.tokenizer)  # built at the first request that asks for logprobs
 
     # ---- requests -------------------------------------------------------------------------------
     def _prompt_ids(self, req: dict) -> tuple[list[int], str | None]:
@@ -134,6 +181,9 @@ class ModelBackend:
         except APIError as err:
             yield {"kind": "error", "error": err.to_dict()}
             return
+        token_bytes = None
+        if params.logprobs is not None:
+            token_bytes = await asyncio.to_thread(self.token_bytes.ready)
         gen = self.engine.generate(prompt_ids, params, request_id=request_id, lora_name=req.get("adapter"))
         finished = False
         try:
@@ -155,9 +205,9 @@ class ModelBackend:
                    "prompt_text": prompt_text, "system_fingerprint": self.engine.system_fingerprint,
                    "tool_format": self.tool_format if req.get("tools") else None}
             if first is not None:
-                yield delta_item(first)
+                yield delta_item(first, token_bytes)
                 async for out in gen:
-                    yield delta_item(out)
+                    yield delta_item(out, token_bytes)
             finished = True
         finally:
             if not finished:  # the client went away (cancelled) or the gateway stopped reading

@@ -30,6 +30,7 @@ class Deployments:
         self.embed_name = config.embeddings.name if (embed_handle is not None and config.embeddings.enabled) else None
         self.embed_info: dict | None = None
         self.rag = rag_handle
+        self.created = int(time.time())  # `created` of cards the gateway writes itself (OpenAI's Model.created)
         self.ready: set[str] = set()
         self.context: dict[str, int] = {}  # max_model_len each loaded model reported
         self.stats: dict[str, dict[str, dict]] = {name: {} for name in self.llm}  # model -> replica -> stats
@@ -193,10 +194,10 @@ class Deployments:
             cards.extend(res)
         for name in self.llm:
             if name not in self.ready:  # still loading: listed, without details
-                cards.append({"id": name, "object": "model", "created": 0, "owned_by": "loraplex",
+                cards.append({"id": name, "object": "model", "created": self.created, "owned_by": "loraplex",
                               "root": name, "parent": None})
         if self.embed_name:
-            cards.append({"id": self.embed_name, "object": "model", "created": 0, "owned_by": "loraplex",
+            cards.append({"id": self.embed_name, "object": "model", "created": self.created, "owned_by": "loraplex",
                           "root": self.embed_name, "parent": None, "type": "embedding",
                           "dim": (self.embed_info or {}).get("dim")})
         return cards

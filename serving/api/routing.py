@@ -118,7 +118,8 @@ class GatewayRouter:
         """Routes listed in /v1/models, next to the models they route to."""
         out = []
         for name, r in self.router.routes.items():
-            out.append({"id": name, "object": "model", "created": 0, "owned_by": "loraplex-router", "root": name,
+            out.append({"id": name, "object": "model", "created": self.deployments.created,
+                        "owned_by": "loraplex-router", "root": name,
                         "parent": None, "type": "route", "policy": r.policy,
                         "candidates": [c.model for c in r.candidates]})
         return out

@@ -18,13 +18,18 @@ def _bytes(token: str) -> list[int]:
 
 
 def chat_logprobs(lps: list[dict] | None) -> dict | None:
+    """OpenAI's chat logprobs; `bytes` are the token's raw bytes where the replica sent them (the text of a
+    token that is part of a UTF-8 character is U+FFFD), else the text's UTF-8."""
     if lps is None:
         return None
-    return {"content": [
-        {"token": lp["token"], "logprob": lp["logprob"], "bytes": _bytes(lp["token"]),
-         "top_logprobs": [{"token": t, "logprob": l, "bytes": _bytes(t)} for _, t, l in lp["top"]]}
-        for lp in lps
-    ], "refusal": None}
+    out = []
+    for lp in lps:
+        top_bytes = lp.get("top_bytes") or [_bytes(t) for _, t, _ in lp["top"]]
+        out.append({"token": lp["token"], "logprob": lp["logprob"],
+                    "bytes": lp["bytes"] if lp.get("bytes") is not None else _bytes(lp["token"]),
+                    "top_logprobs": [{"token": t, "logprob": l, "bytes": b}
+                                     for (_, t, l), b in zip(lp["top"], top_bytes)]})
+    return {"content": out, "refusal": None}
 
 
 class CompletionLogprobs:
