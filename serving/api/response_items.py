@@ -27,7 +27,7 @@ from typing import Any
 
 from serving.api.errors import APIError
 # the chat side's own rules (name pattern, JSON Schema check), so a tool is valid in both APIs or in neither
-from serving.api.tools import _NAME, MAX_TOOLS, _check_parameters, _kind, check_messages
+from serving.api.tools import _NAME, _kind, check_messages, parse_tool_request
 
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 ITEM_STATUSES = ("in_progress", "completed", "incomplete")
@@ -237,16 +237,15 @@ def _unanswered(open_calls: dict[str, int | None], before: str | None) -> None:
 def chat_tools(tools: Any) -> list[dict] | None:
     """Responses function tools (`{"type": "function", "name", "description", "parameters", "strict"}`, flat)
     -> chat tools (`{"type": "function", "function": {...}}`); None for none. Other tool types (web search,
-    file search, MCP, ...) run at OpenAI, not in a model, so they are refused by name."""
+    MCP, ...) run at OpenAI, not in a model, so they are refused by name. The checks are the chat side's own
+    (serving.api.tools), their params renamed to the flat form."""
     if tools is None:
         return None
     if not isinstance(tools, list):
         raise _bad("tools", f"must be an array of tools, got {_kind(tools)}")
-    if len(tools) > MAX_TOOLS:
-        raise _bad("tools", f"has {len(tools)} tools; at most {MAX_TOOLS} are allowed")
     if not tools:
         return None  # Responses clients send [] for "no tools" (OpenAI accepts it)
-    out, names = [], {}
+    nested = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
@@ -257,29 +256,11 @@ def chat_tools(tools: Any) -> list[dict] | None:
         if "function" in tool and "name" not in tool:
             raise _bad(f"{where}.name", "is required: Responses tools are flat ({\"type\": \"function\", "
                        "\"name\": ..., \"parameters\": ...}), not nested under \"function\" as in chat")
-        name = tool.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise _bad(f"{where}.name", "must be 1 to 64 letters, digits, underscores or dashes, got "
-                       f"{json.dumps(name) if isinstance(name, str) else _kind(name)}")
-        if name in names:
-            raise _bad(f"{where}.name", f"repeats {name!r}, already the name of tools[{names[name]}]")
-        names[name] = i
-        fn: dict = {"name": name}
-        desc = tool.get("description")
-        if desc is not None:
-            if not isinstance(desc, str):
-                raise _bad(f"{where}.description", f"must be a string, got {_kind(desc)}")
-            fn["description"] = desc
-        params = tool.get("parameters")
-        fn["parameters"] = ({"type": "object", "properties": {}} if params is None
-                            else _check_parameters(params, f"{where}.parameters"))
-        strict = tool.get("strict")
-        if strict is not None:
-            if not isinstance(strict, bool):
-                raise _bad(f"{where}.strict", f"must be a boolean, got {_kind(strict)}")
-            fn["strict"] = strict
-        out.append({"type": "function", "function": fn})
-    return out
+        nested.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+    try:
+        return parse_tool_request(nested).tools
+    except APIError as err:
+        raise responses_error(err) from None
 
 
 def chat_tool_choice(tool_choice: Any, tools: list[dict] | None) -> str | dict | None:
@@ -420,7 +401,8 @@ def output_items(content: str | None, tool_calls: list[dict] | None = None,
     out: list[dict] = []
     if content or not tool_calls:
         out.append({"type": "message", "id": new_item_id("message"), "status": status, "role": "assistant",
-                    "content": [{"type": "output_text", "text": content or "", "annotations": []}]})
+                    "content": [{"type": "output_text", "text": content or "", "annotations": [],
+                                             "logprobs": []}]})
     for call in tool_calls or []:
         out.append({"type": "function_call", "id": new_item_id("function_call"), "call_id": call["id"],
                     "name": call["function"]["name"], "arguments": call["function"]["arguments"],

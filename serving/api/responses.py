@@ -179,8 +179,8 @@ class Turn:
                 "text": {"format": (b.text or {}).get("format") or {"type": "text"}} if isinstance(b.text, dict)
                 else {"format": {"type": "text"}},
                 "tool_choice": b.tool_choice if b.tool_choice is not None else "auto",
-                "tools": b.tools or [], "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
-                "usage": None, "user": b.user, "metadata": b.metadata or {}}
+                "tools": [_echo_tool(t) for t in b.tools or []], "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled",
+                "metadata": b.metadata or {}, **({"user": b.user} if b.user else {})}
 
     def search_item(self) -> dict | None:
         """The file_search_call output item (results only with include=["file_search_call.results"])."""
@@ -224,6 +224,15 @@ class Turn:
     async def save(self, response: dict) -> None:
         if self.body.store:
             await asyncio.to_thread(self.store.put, response, self.items, self.owner, self.body.previous_response_id)
+
+
+def _echo_tool(tool: dict) -> dict:
+    """A request's tool as the response lists it: a function tool with every field OpenAI's FunctionTool has."""
+    if tool.get("type") != "function":
+        return tool
+    return {"type": "function", "name": tool.get("name"), "description": tool.get("description"),
+            "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+            "strict": tool.get("strict")}
 
 
 def _filename(citation: dict) -> str:
@@ -270,7 +279,7 @@ class ResponsesStream(StreamFormat):
                         "role": "assistant", "content": []}
         self.output.append(self.message)
         i = len(self.output) - 1
-        part = {"type": "output_text", "text": "", "annotations": []}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         return [self._event("response.output_item.added", output_index=i, item=self.message),
                 self._event("response.content_part.added", item_id=self.message["id"], output_index=i,
                             content_index=0, part=part)]
@@ -286,7 +295,8 @@ class ResponsesStream(StreamFormat):
         if self.message is None or self.message["status"] != "in_progress":
             return []
         i = self.output.index(self.message)
-        part = {"type": "output_text", "text": self.text, "annotations": self.turn.annotations(self.text)}
+        part = {"type": "output_text", "text": self.text, "annotations": self.turn.annotations(self.text),
+                "logprobs": []}
         self.message.update(status=status, content=[part])
         return [self._event("response.output_text.done", item_id=self.message["id"], output_index=i,
                             content_index=0, text=self.text, logprobs=[]),
@@ -337,7 +347,7 @@ class ResponsesStream(StreamFormat):
             item["status"] = "completed"
             i = self.output.index(item)
             out += [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                                arguments=item["arguments"]),
+                                name=item["name"], arguments=item["arguments"]),
                     self._event("response.output_item.done", output_index=i, item=item)]
         r = self.turn.base(status)
         r.update(output=self.output, incomplete_details=incomplete, usage=items_mod.response_usage(usage),
