@@ -4,8 +4,10 @@ same engine in process, on the same prompts, rounds interleaved (this VM's speed
     python benchmarks/gateway_overhead.py [--requests 16] [--max-tokens 64] [--rounds 3]
 
 The server and the in-process engine never run at the same time: each round runs the in-process engine, then
-each endpoint over HTTP, with the server idle in between. Prints a table, the HTTP/in-process ratios, and ends
-with one JSON line.
+each endpoint over HTTP, with the server idle in between. A second figure isolates the gateway's own code (the
+request pipeline, output paths and SSE framing) with no model and no Ray: the real FastAPI app over a fake
+deployment (serving.api.testing) that streams instantly, timed per request and per streamed token. Prints
+tables, the HTTP/in-process ratios, and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -97,6 +99,35 @@ async def over_http(base: str, endpoint: str, prompts: list[str], max_tokens: in
         return _figures(res, time.perf_counter() - t0)
 
 
+async def pipeline_alone(endpoint: str, requests: int, tokens: int) -> dict:
+    """The gateway's own cost: `requests` concurrent streams of `tokens` one-token deltas through the real app
+    over a fake deployment (no model, no Ray, no sockets)."""
+    import httpx
+
+    from serving.api.gateway import GatewayCore
+    from serving.api.openai_routes import create_app
+    from serving.api.testing import MODEL as FAKE, FakeDeployment
+    from serving.config import parse_config
+
+    cfg = parse_config({"models": [{"name": FAKE, "source": "acme/fake"}], "embeddings": {"enabled": False},
+                        "rag": {"enabled": False}, "governance": {"enabled": False}})
+    core = GatewayCore(cfg, {FAKE: FakeDeployment(lambda req: ["x"] * tokens)})
+    core.deployments.ready.add(FAKE)
+    transport = httpx.ASGITransport(app=create_app(core))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=600) as client:
+        async def one(p):
+            path, body = _body(endpoint, p, tokens)
+            body["model"] = FAKE
+            async with client.stream("POST", path, json=body) as r:
+                async for _ in r.aiter_lines():
+                    pass
+        await one("warm")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(f"p{i}") for i in range(requests)))
+        wall = time.perf_counter() - t0
+    return {"ms_per_request": 1000 * wall / requests, "us_per_token": 1e6 * wall / (requests * tokens)}
+
+
 def _has_text(event: dict) -> bool:
     """Whether an SSE event carries generated text (chat, completions or Responses form)."""
     if event.get("type") == "response.output_text.delta":
@@ -166,6 +197,15 @@ async def main_async(args) -> dict:
             result[f"{k}_added_ttft_ms"] = round(ttft1 - ref_ttft, 1)
     result["rounds_detail"] = {k: [round(r["tok_s"], 1) for r in v] for k, v in rows.items()}
     console.print(table)
+    alone = Table(title=f"the gateway's own code, no model and no Ray ({args.requests} concurrent x "
+                        f"{args.max_tokens} one-token deltas)")
+    for col in ("endpoint", "ms per request", "us per streamed token"):
+        alone.add_column(col)
+    for e in endpoints:
+        fig = await pipeline_alone(e, args.requests, args.max_tokens)
+        alone.add_row(e, f"{fig['ms_per_request']:.2f}", f"{fig['us_per_token']:.1f}")
+        result[f"{e}_gateway_us_per_token"] = round(fig["us_per_token"], 1)
+    console.print(alone)
     return result
 
 

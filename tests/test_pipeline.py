@@ -11,63 +11,8 @@ import json
 
 import httpx
 
-from serving.api.tool_parsers import Hermes
+from serving.api.testing import MODEL, FakeDeployment
 from serving.config import parse_config
-
-MODEL = "fake-model"
-
-
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
-class FakeDeployment:
-    """What serving.api.deployments needs of a Ray Serve handle. `script(req)` gives the texts to stream."""
-
-    def __init__(self, script, fail_after: int | None = None):
-        self.script, self.fail_after = script, fail_after
-        self.requests: list[dict] = []
-        self.stream = _Call(self._stream)
-        self.ready = _Call(self._ready)
-        self.models = _Call(self._models)
-        self.stats = _Call(self._stats)
-
-    def options(self, **_):
-        return self
-
-    async def _ready(self):
-        return {"model": MODEL, "max_model_len": 512, "replica": "r1", "hf_id": "acme/fake", "aliases": []}
-
-    async def _models(self):
-        return [{"id": MODEL, "object": "model", "created": 0, "owned_by": "loraplex", "root": "acme/fake",
-                 "parent": None}]
-
-    async def _stats(self):
-        import time
-
-        return {"replica": "r1", "num_running": 0, "num_waiting": 0, "time": time.time()}
-
-    def _stream(self, req):
-        self.requests.append(req)
-        return self._gen(req)
-
-    async def _gen(self, req):
-        texts = self.script(req)
-        yield {"kind": "accepted", "request_id": req["request_id"], "prompt_tokens": 7, "prompt_text": "P",
-               "system_fingerprint": "fp_fake", "tool_format": Hermes() if req.get("tools") else None}
-        n = req["sampling"].get("n", 1)
-        for k, piece in enumerate(texts):
-            if self.fail_after is not None and k == self.fail_after:
-                raise RuntimeError("replica gone")
-            last = k == len(texts) - 1
-            yield {"kind": "delta", "finished": last, "num_cached_tokens": 0,
-                   "choices": [{"index": i, "text": piece, "num_tokens": 1, "logprobs": None,
-                                "finish_reason": "stop" if last else None} for i in range(n)]}
-            await asyncio.sleep(0)
 
 
 def make_client(script, tmp_path, monkeypatch, governance: bool = False, fail_after=None):
