@@ -17,6 +17,7 @@ from serving.config import (
     FineTuningSpec,
     ModelSpec,
     RagSpec,
+    ResponsesSpec,
     ServerSpec,
     load_config,
     parse_config,
