@@ -320,7 +320,8 @@ def test_chat_errors_are_renamed_to_responses_fields():
 def test_output_items_from_a_chat_answer():
     [msg] = output_items("Hello!")
     assert msg == {"type": "message", "id": msg["id"], "status": "completed", "role": "assistant",
-                   "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]}
+                   "content": [{"type": "output_text", "text": "Hello!", "annotations": [],
+                                "logprobs": []}]}
     assert msg["id"].startswith("msg_")
     calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
              {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]

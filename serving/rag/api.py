@@ -38,11 +38,12 @@ _QUERY_FIELDS = {"query", "embedding", "k", "filter"}
 
 def as_rag_error(exc: BaseException) -> RagError | None:
     """The RagError inside `exc`, also when Ray wrapped it (RayTaskError carries it as .cause)."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, RagError) and hasattr(exc, "message"):
-            return exc
-        exc, seen = getattr(exc, "cause", None), seen + 1
+    for _ in range(5):  # Ray's wrapper is an instance of the cause's class without its fields: unwrap first
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        return exc if isinstance(exc, RagError) else None
     return None
 
 
