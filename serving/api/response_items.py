@@ -246,17 +246,13 @@ def chat_tools(tools: Any) -> list[dict] | None:
     if not tools:
         return None  # Responses clients send [] for "no tools" (OpenAI accepts it)
     nested = []
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise _bad(where, f"must be an object, got {_kind(tool)}")
-        if tool.get("type") != "function":
-            raise _bad(f"{where}.type", f"must be \"function\" (the only tool type this server runs), got "
-                       f"{json.dumps(tool.get('type'))}", "unsupported_tool_type")
-        if "function" in tool and "name" not in tool:
-            raise _bad(f"{where}.name", "is required: Responses tools are flat ({\"type\": \"function\", "
-                       "\"name\": ..., \"parameters\": ...}), not nested under \"function\" as in chat")
-        nested.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+    for i, tool in enumerate(tools):  # anything not a function tool is refused by the chat side's check
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            if "function" in tool and "name" not in tool:
+                raise _bad(f"tools[{i}].name", "is required: Responses tools are flat ({\"type\": \"function\", "
+                           "\"name\": ..., \"parameters\": ...}), not nested under \"function\" as in chat")
+            tool = {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+        nested.append(tool)
     try:
         return parse_tool_request(nested).tools
     except APIError as err:
