@@ -81,3 +81,22 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.log.close()
+
+
+def fine_tune(client, rows: list[dict], suffix: str, sequence_len: int):
+    """Upload `rows` as a JSONL file, run a tiny auto-deployed fine-tune of the served base through OpenAI's
+    fine-tuning API, wait for it, and return the finished job (it must have succeeded)."""
+    import json
+
+    f = client.files.create(file=(f"{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
+                            purpose="fine-tune")
+    small = {"max_steps": 2, "num_sample_generations": 0, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
+             "sequence_len": sequence_len}
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, suffix=suffix,
+                                         extra_body={"config": small, "auto_deploy": True})
+    deadline = time.time() + 600
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, "the fine-tuning job did not finish"
+        time.sleep(2)
+    assert job.status == "succeeded", job.error
+    return job

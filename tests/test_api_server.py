@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from benchmarks.cli import LORAPLEX
-from tests.serve_helpers import Server
+from tests.serve_helpers import Server, fine_tune
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -577,17 +577,7 @@ def test_fine_tuning_job_auto_deploys_its_adapter(client, server):
     auto_deploy, loads its adapter into this server, which then serves it by name."""
     rows = [{"messages": [{"role": "user", "content": f"Code word {i}?"},
                           {"role": "assistant", "content": f"The code word is zebra-{i}."}]} for i in range(6)]
-    f = client.files.create(file=("words.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
-                            purpose="fine-tune")
-    small = {"max_steps": 2, "num_sample_generations": 0, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
-             "sequence_len": 128}
-    job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, suffix="deploy",
-                                         extra_body={"config": small, "auto_deploy": True})
-    deadline = time.time() + 600
-    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-        assert time.time() < deadline, "the fine-tuning job did not finish"
-        time.sleep(2)
-    assert job.status == "succeeded", job.error
+    job = fine_tune(client, rows, "deploy", sequence_len=128)
     raw = httpx.get(f"{server.base}/v1/fine_tuning/jobs/{job.id}").json()
     assert raw["deployed"] is True, [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
     name = job.fine_tuned_model

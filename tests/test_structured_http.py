@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import httpx
 import jsonschema
@@ -21,7 +20,7 @@ import pydantic
 import pytest
 
 from tests.conftest import make_lora_adapter
-from tests.serve_helpers import MODEL, Server
+from tests.serve_helpers import MODEL, Server, fine_tune
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -307,17 +306,7 @@ def test_a_fine_tune_on_tool_use_serves_tool_calls(client, server):
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": f"call_{i}", "content": "shipped"},
             {"role": "assistant", "content": f"Order A-{i} has shipped."}]})
-    f = client.files.create(file=("tools.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
-                            purpose="fine-tune")
-    small = {"max_steps": 2, "num_sample_generations": 0, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
-             "sequence_len": 512}
-    job = client.fine_tuning.jobs.create(model=MODEL, training_file=f.id, suffix="tools",
-                                         extra_body={"config": small, "auto_deploy": True})
-    deadline = time.time() + 600
-    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-        assert time.time() < deadline, "the fine-tuning job did not finish"
-        time.sleep(2)
-    assert job.status == "succeeded", job.error
+    job = fine_tune(client, rows, "tools", sequence_len=512)
     card = httpx.get(f"{server.base}/v1/adapters/{job.fine_tuned_model}").json()
     assert card["source"].startswith("models:/") and card["declared_base"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     r = client.chat.completions.create(model=job.fine_tuned_model, tools=[lookup], tool_choice="required",
