@@ -1,4 +1,5 @@
-"""Paged decode attention in C for float32 on the CPU (lp_paged_decode_f32 in kernels/csrc/cpu_kernels.c).
+"""Paged decode attention in C on the CPU (lp_paged_decode_f32 / _bf16kv in kernels/csrc/cpu_kernels.c):
+float32 queries over a float32 or bfloat16 KV cache.
 
 The torch path (kernels.ref_attention) gathers each sequence's blocks into a padded copy before SDPA; on a
 2-core CPU that copy was most of attention's time. The C kernel reads the blocks in place, once.
@@ -10,13 +11,17 @@ import torch
 
 from kernels import cpu_native, step_cache
 
+KV_KERNELS = {torch.float32: "lp_paged_decode_f32", torch.bfloat16: "lp_paged_decode_bf16kv"}
+
 
 def supports(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
-    """float32 CPU tensors in the shared layouts, within the kernel's fixed buffer sizes, block ids in range (once
+    """float32 CPU queries, a float32 or bfloat16 cache, in the shared layouts, within the kernel's fixed buffer sizes, block ids in range (once
     per step), and the library built."""
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2]):
         return False
-    if not cpu_native.usable(q, k_cache, v_cache):
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_KERNELS or not cpu_native.usable(q):
+        return False
+    if not (k_cache.is_cpu and v_cache.is_cpu):
         return False
     lim = cpu_native.limits()
     hq, hkv, d, bs = q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1]
@@ -48,7 +53,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     tables = block_tables if block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 \
         else block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    cpu_native.lib().lp_paged_decode_f32(
+    getattr(cpu_native.lib(), KV_KERNELS[k_cache.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
         lens.data_ptr(), out.data_ptr(), s, hq, k_cache.shape[2], d, k_cache.shape[1], float(scale),
         cpu_native.threads())

@@ -29,6 +29,7 @@ LINK = ["-shared", "-fopenmp"]  # no -ffast-math here: it would link code that s
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "lp_paged_decode_f32": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _F, _I32],
+    "lp_paged_decode_bf16kv": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _F, _I32],
     "lp_add_rms_norm_f32": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _F, _I32],
     "lp_silu_mul_f32": [_P, _P, _I64, _I64, _I32],
     "lp_rope_f32": [_P, _I64, _P, _P, _I64, _I64, _I64, _I32],

@@ -49,7 +49,12 @@ def cmd_prepare(args) -> int:
 
     print(f"default model: {path}")
     print(f"embedding model: {emb}")
+    from serving.engine.linear import cpu_path
+
     print(f"CPU kernels: {kernels.prepare(torch.device('cpu'), torch.float32)}")
+    for label, dtype, quant in (("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None),
+                                ("int8", torch.bfloat16, "int8"), ("int4", torch.bfloat16, "int4")):
+        print(f"CPU weights, {label}: {cpu_path(dtype, quant)}")
     return 0
 
 

@@ -69,6 +69,9 @@ class ModelSpec(_Strict):
                                                 "model's, an HF-id source, or a folder's config._name_or_path")
     aliases: list[str] = Field(default_factory=list, description="more names for `model` (vLLM's served_model_name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["int8", "int4", "none"] | None = Field(
+        None, description="CPU weight-only quantization at load (int8 per channel, int4 in groups of 32); "
+                          "activations and the KV cache in bfloat16/float32, adapters as lora_dtype")
     device: str = "auto"
     max_model_len: int | None = Field(None, gt=0)
     kv_cache_memory: str | int = "1GiB"
@@ -147,6 +150,7 @@ class ModelSpec(_Strict):
             hf_id=self.hf_id,
             aliases=tuple(self.aliases),
             dtype=self.dtype,
+            quantization=None if self.quantization == "none" else self.quantization,
             device=self.device,
             max_model_len=self.max_model_len,
             kv_cache_memory=self.kv_cache_memory,

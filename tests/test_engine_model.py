@@ -6,34 +6,9 @@ from transformers import AutoModelForCausalLM
 
 from serving.engine import EngineConfig, ModelLoadError, SamplingParams
 from serving.engine.llm_engine import LLMEngine
+from serving.engine.perplexity import prompt_logits
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
-
-
-def engine_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
-    """Logits at every position of `ids`, computed through the paged cache in prefill chunks of `chunk` tokens."""
-    from serving.engine.model import ForwardBatch
-
-    bs = engine.config.block_size
-    blocks = engine.allocator.allocate(-(-len(ids) // bs))
-    rows = []
-    try:
-        for start in range(0, len(ids), chunk):
-            end = min(start + chunk, len(ids))
-            n = end - start
-            table = torch.tensor([blocks], dtype=torch.int32)
-            batch = ForwardBatch(
-                input_ids=torch.tensor(ids[start:end]), positions=torch.arange(start, end),
-                slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, end)]),
-                num_prefill_tokens=n, prefill_cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
-                prefill_block_tables=table, prefill_seq_lens=torch.tensor([end], dtype=torch.int32),
-                decode_block_tables=table, decode_seq_lens=torch.tensor([end], dtype=torch.int32),
-                logits_indices=torch.arange(n))
-            with torch.inference_mode():
-                rows.append(engine.model(batch, engine.kv_caches))
-    finally:
-        engine.allocator.release(blocks)
-    return torch.cat(rows)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -41,7 +16,7 @@ def test_logits_match_transformers(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
     engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, block_size=8))
     if torch.backends.mkldnn.is_available():  # the CPU path under test is the oneDNN pre-packed one
-        from serving.engine.model import PackedLinear
+        from serving.engine.linear import PackedLinear
 
         layer = engine.model.layers[0]
         assert all(isinstance(m, PackedLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
@@ -52,7 +27,7 @@ def test_logits_match_transformers(arch, tiny_model_factory):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     for chunk in (len(ids), 5, 1):  # whole prompt, chunked prefill over block boundaries, token by token
-        ours = engine_logits(engine, ids, chunk)
+        ours = prompt_logits(engine, ids, chunk)
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     assert engine.allocator.all_free()
 
@@ -80,7 +55,7 @@ def test_rope_scaling_llama3_matches_hf(tiny_model_factory):
     ids = list(range(100, 180))
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(engine_logits(engine, ids, 32), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prompt_logits(engine, ids, 32), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_unsupported_architecture_is_refused(tmp_path, default_model_path):

@@ -59,6 +59,24 @@ def test_decode_matches_sdpa(shape):
         torch.testing.assert_close(out[i], _sdpa(q[i:i + 1], k, v, d ** -0.5)[0], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: f"d{s[0]}-h{s[1]}x{s[2]}-bs{s[3]}")
+def test_decode_over_a_bf16_cache_matches_sdpa(shape):
+    """dtype bfloat16 on the CPU: float32 queries over a bfloat16 KV cache, widened as read; SDPA on the same
+    bf16 values in float32 is the reference."""
+    d, hq, hkv, bs, lens = shape
+    gen = torch.Generator().manual_seed(14)
+    kc, vc, bt, seqs = _paged_cache(lens, hkv, d, bs, torch.float32, "cpu", gen)
+    kc, vc = kc.bfloat16(), vc.bfloat16()
+    q = torch.randn(len(lens), hq, d, generator=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    assert cpu_attention.supports(q, kc, vc, bt, seq_lens)
+    out = cpu_attention.paged_decode_attention(q, kc, vc, bt, seq_lens, d ** -0.5)
+    for i, (k, v) in enumerate(seqs):
+        ref = _sdpa(q[i:i + 1], k.bfloat16().float(), v.bfloat16().float(), d ** -0.5)[0]
+        torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=2e-5)
+    assert not cpu_attention.supports(q.bfloat16(), kc, vc, bt, seq_lens)  # bf16 queries: the torch path
+
+
 def test_extreme_scores_stay_finite():
     """Scores spanning thousands of units: the online softmax must rescale, not overflow or divide 0 by 0."""
     gen = torch.Generator().manual_seed(12)
@@ -72,7 +90,7 @@ def test_extreme_scores_stay_finite():
         torch.testing.assert_close(out[i], _sdpa(q[i:i + 1], k * 50, v, 0.125)[0], atol=1e-4, rtol=1e-4)
 
 
-def test_auto_dispatch_uses_it_for_float32_cpu_only(monkeypatch):
+def test_auto_dispatch_uses_it_for_float32_queries_on_the_cpu(monkeypatch):
     calls = _spy(monkeypatch, cpu_attention, "paged_decode_attention")
     gen = torch.Generator().manual_seed(13)
     lens = [20, 7]
@@ -83,10 +101,12 @@ def test_auto_dispatch_uses_it_for_float32_cpu_only(monkeypatch):
     torch.testing.assert_close(out, ref_attention.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.125),
                                atol=1e-5, rtol=1e-5)
     kernels.paged_decode_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), bt, seq_lens, 0.125)
-    assert calls == [1]  # bf16: the torch path
+    assert calls == [1]  # bf16 queries: the torch path
+    kernels.paged_decode_attention(q, kc.bfloat16(), vc.bfloat16(), bt, seq_lens, 0.125)
+    assert calls == [1, 1]  # float32 queries over a bf16 cache: C
     kernels.set_backend("torch")  # forcing torch means the pure torch path
     kernels.paged_decode_attention(q, kc, vc, bt, seq_lens, 0.125)
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_without_a_compiler_the_torch_path_runs(tmp_path):

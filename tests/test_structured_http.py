@@ -109,6 +109,10 @@ def test_json_object_and_the_structured_outputs_extension(client):
     r = client.chat.completions.create(model=MODEL, messages=ALICE, max_tokens=60, temperature=0,
                                        response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+    # Together's/Fireworks' {"type": "json_object", "schema": ...} (older instructor's JSON_SCHEMA mode) enforces it.
+    r = client.chat.completions.create(model=MODEL, messages=ALICE, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object", "schema": PERSON})
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
     choices = ["positive", "negative", "neutral"]
     for temperature in (0, 1):
         r = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=temperature, seed=3,
@@ -217,6 +221,7 @@ BAD = [
         "type": "array", "items": {"type": "string"}, "uniqueItems": True}}}},
      "response_format.json_schema.schema", "uniqueItems"),
     ({"response_format": {"type": "xml"}}, "response_format.type", None),
+    ({"response_format": {"type": "json_object", "schema": {"type": "objekt"}}}, "response_format.schema", None),
     ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                                        "properties": 5}}}]},
      "tools[1].function.parameters", None),

@@ -27,74 +27,84 @@ void lp_limits(int *max_heads, int *max_dim, int *max_block, int *max_rank) {
     *max_block = MAX_BLOCK;
 }
 
-void lp_paged_decode_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, float *out,
-                         int S, int Hq, int Hkv, int D, int BS, float scale, int nthreads) {
-    const int G = Hq / Hkv;
-    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)BS * Hkv * D, row_bytes = tok_stride * 4;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int s = 0; s < S; s++) {
-        const int len = seq_lens[s];
-        float qv[MAX_HEADS][MAX_DIM], acc[MAX_HEADS][MAX_DIM], p[MAX_HEADS][MAX_BLOCK], m[MAX_HEADS], l[MAX_HEADS];
-        for (int h = 0; h < Hq; h++) {
-            const float *src = q + s * q_stride + (int64_t)h * D;
-            for (int d = 0; d < D; d++) {
-                qv[h][d] = src[d] * scale;
-                acc[h][d] = 0.f;
-            }
-            m[h] = -1e30f;  /* finite: under -ffast-math, -inf and its arithmetic are not safe */
-            l[h] = 0.f;
-        }
-        for (int start = 0; start < len; start += BS) {
-            const int n = len - start < BS ? len - start : BS;
-            const int64_t blk = block_tables[s * bt_stride + start / BS];
-            const int64_t nxt = start + BS < len ? block_tables[s * bt_stride + start / BS + 1] : blk;
-            const float *kb = k_cache + blk * blk_stride, *vb = v_cache + blk * blk_stride;
-            const char *nk = (const char *)(k_cache + nxt * blk_stride), *nv = (const char *)(v_cache + nxt * blk_stride);
-            for (int t = 0; t < n; t++) {  /* scores; prefetch the next block's row t meanwhile */
-                for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {
-                    __builtin_prefetch(nk + off);
-                    __builtin_prefetch(nv + off);
-                }
-                for (int h = 0; h < Hq; h++) {
-                    const float *kr = kb + t * tok_stride + (h / G) * D;
-                    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                    for (int d = 0; d < D; d++) dot += qv[h][d] * kr[d];
-                    p[h][t] = dot;
-                }
-            }
-            for (int h = 0; h < Hq; h++) {  /* online softmax: rescale what was accumulated to the new max */
-                float bmax = m[h];
-                for (int t = 0; t < n; t++) bmax = p[h][t] > bmax ? p[h][t] : bmax;
-                const float corr = expf(m[h] - bmax);
-                float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-                for (int t = 0; t < n; t++) {
-                    p[h][t] = expf(p[h][t] - bmax);
-                    sum += p[h][t];
-                }
-                l[h] = l[h] * corr + sum;
-                m[h] = bmax;
-                if (corr != 1.f)
-                    for (int d = 0; d < D; d++) acc[h][d] *= corr;
-            }
-            for (int t = 0; t < n; t++) {
-                for (int h = 0; h < Hq; h++) {
-                    const float *vr = vb + t * tok_stride + (h / G) * D;
-                    const float pt = p[h][t];
-#pragma omp simd
-                    for (int d = 0; d < D; d++) acc[h][d] += pt * vr[d];
-                }
-            }
-        }
-        for (int h = 0; h < Hq; h++) {
-            float *dst = out + ((int64_t)s * Hq + h) * D;
-            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
-            for (int d = 0; d < D; d++) dst[d] = acc[h][d] * inv;
-        }
-    }
+/* KV caches of float32 or bfloat16 (the engine's dtype: bfloat16 halves the bytes the decode step reads);
+ * either is widened to float32 as it is read, all arithmetic in float32. */
+static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
+static inline float ld_bf16(const uint16_t *p, int64_t i) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)p[i] << 16};
+    return v.f;
 }
+#define PAGED_DECODE(NAME, KT, LD)                                                                                                 \
+void NAME(const float *q, int64_t q_stride, const KT *k_cache, const KT *v_cache,                                                  \
+                         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, float *out,                      \
+                         int S, int Hq, int Hkv, int D, int BS, float scale, int nthreads) {                                       \
+    const int G = Hq / Hkv;                                                                                                        \
+    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)BS * Hkv * D, row_bytes = tok_stride * (int64_t)sizeof(KT); \
+_Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                             \
+    for (int s = 0; s < S; s++) {                                                                                                  \
+        const int len = seq_lens[s];                                                                                               \
+        float qv[MAX_HEADS][MAX_DIM], acc[MAX_HEADS][MAX_DIM], p[MAX_HEADS][MAX_BLOCK], m[MAX_HEADS], l[MAX_HEADS];                \
+        for (int h = 0; h < Hq; h++) {                                                                                             \
+            const float *src = q + s * q_stride + (int64_t)h * D;                                                                  \
+            for (int d = 0; d < D; d++) {                                                                                          \
+                qv[h][d] = src[d] * scale;                                                                                         \
+                acc[h][d] = 0.f;                                                                                                   \
+            }                                                                                                                      \
+            m[h] = -1e30f;  /* finite: under -ffast-math, -inf and its arithmetic are not safe */                                  \
+            l[h] = 0.f;                                                                                                            \
+        }                                                                                                                          \
+        for (int start = 0; start < len; start += BS) {                                                                            \
+            const int n = len - start < BS ? len - start : BS;                                                                     \
+            const int64_t blk = block_tables[s * bt_stride + start / BS];                                                          \
+            const int64_t nxt = start + BS < len ? block_tables[s * bt_stride + start / BS + 1] : blk;                             \
+            const KT *kb = k_cache + blk * blk_stride, *vb = v_cache + blk * blk_stride;                                           \
+            const char *nk = (const char *)(k_cache + nxt * blk_stride), *nv = (const char *)(v_cache + nxt * blk_stride);         \
+            for (int t = 0; t < n; t++) {  /* scores; prefetch the next block's row t meanwhile */                                 \
+                for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {                                          \
+                    __builtin_prefetch(nk + off);                                                                                  \
+                    __builtin_prefetch(nv + off);                                                                                  \
+                }                                                                                                                  \
+                for (int h = 0; h < Hq; h++) {                                                                                     \
+                    const KT *kr = kb + t * tok_stride + (h / G) * D;                                                              \
+                    float dot = 0.f;                                                                                               \
+_Pragma("omp simd reduction(+ : dot)")                                                                                             \
+                    for (int d = 0; d < D; d++) dot += qv[h][d] * LD(kr, d);                                                       \
+                    p[h][t] = dot;                                                                                                 \
+                }                                                                                                                  \
+            }                                                                                                                      \
+            for (int h = 0; h < Hq; h++) {  /* online softmax: rescale what was accumulated to the new max */                      \
+                float bmax = m[h];                                                                                                 \
+                for (int t = 0; t < n; t++) bmax = p[h][t] > bmax ? p[h][t] : bmax;                                                \
+                const float corr = expf(m[h] - bmax);                                                                              \
+                float sum = 0.f;                                                                                                   \
+_Pragma("omp simd reduction(+ : sum)")                                                                                             \
+                for (int t = 0; t < n; t++) {                                                                                      \
+                    p[h][t] = expf(p[h][t] - bmax);                                                                                \
+                    sum += p[h][t];                                                                                                \
+                }                                                                                                                  \
+                l[h] = l[h] * corr + sum;                                                                                          \
+                m[h] = bmax;                                                                                                       \
+                if (corr != 1.f)                                                                                                   \
+                    for (int d = 0; d < D; d++) acc[h][d] *= corr;                                                                 \
+            }                                                                                                                      \
+            for (int t = 0; t < n; t++) {                                                                                          \
+                for (int h = 0; h < Hq; h++) {                                                                                     \
+                    const KT *vr = vb + t * tok_stride + (h / G) * D;                                                              \
+                    const float pt = p[h][t];                                                                                      \
+_Pragma("omp simd")                                                                                                                \
+                    for (int d = 0; d < D; d++) acc[h][d] += pt * LD(vr, d);                                                       \
+                }                                                                                                                  \
+            }                                                                                                                      \
+        }                                                                                                                          \
+        for (int h = 0; h < Hq; h++) {                                                                                             \
+            float *dst = out + ((int64_t)s * Hq + h) * D;                                                                          \
+            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;                                                                       \
+            for (int d = 0; d < D; d++) dst[d] = acc[h][d] * inv;                                                                  \
+        }                                                                                                                          \
+    }                                                                                                                              \
+}
+PAGED_DECODE(lp_paged_decode_f32, float, ld_f32)
+PAGED_DECODE(lp_paged_decode_bf16kv, uint16_t, ld_bf16)
 
 /* RMSNorm over rows of H, optionally after adding delta into the residual stream in place (the decoder layer's
  * "x = x + sublayer(x); h = norm(x)" in one pass): out = w * x / sqrt(mean(x^2) + eps). Rows may be strided. */
@@ -158,11 +168,6 @@ void lp_rope_f32(float *x, int64_t row_stride, const float *cos_t, const float *
  * consecutive tokens of one slot (the scheduler orders decodes by slot) reuse the weights from cache.
  * Weights are float32 (lp_lora_apply_f32) or bfloat16 (lp_lora_apply_bf16w: the engine's lora_dtype, half the
  * bytes; widened to float32 as they are read, all arithmetic in float32). */
-static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
-static inline float ld_bf16(const uint16_t *p, int64_t i) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)p[i] << 16};
-    return v.f;
-}
 
 #define LORA_APPLY(NAME, WT, LD)                                                                                  \
 void NAME(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t *token_slot, int M,              \

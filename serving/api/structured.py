@@ -33,7 +33,13 @@ def from_response_format(response_format: Any) -> dict | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"type": "json_object", "param": "response_format"}
+        # {"type": "json_object", "schema": {...}} is Together's/Fireworks' form (instructor < 1.4 sends it).
+        schema = response_format.get("schema")
+        if schema is None:
+            return {"type": "json_object", "param": "response_format"}
+        if not isinstance(schema, dict):
+            raise _bad("response_format.schema", "must be a JSON Schema object")
+        return {"type": "json_schema", "schema": schema, "param": "response_format.schema"}
     if kind != "json_schema":
         raise _bad("response_format.type", f"must be text, json_object or json_schema, got {kind!r}")
     js = response_format.get("json_schema")

@@ -28,7 +28,8 @@ class EngineConfig:
     hf_id: str | None = None  # the weights' Hugging Face repo id; None: found from the source (serving.identity)
     aliases: tuple[str, ...] = ()  # more names the model answers to (adapter base checks, the API's `model`)
     tokenizer: str | None = None  # defaults to the model's folder
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA and under quantization), float32, bfloat16, float16
+    quantization: str | None = None  # CPU weight-only int8 or int4 (serving.engine.linear); None: dense weights
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     load_format: str = "auto"  # auto (safetensors/bin) or dummy (random weights at the config's shapes)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
@@ -54,6 +55,10 @@ class EngineConfig:
             raise ModelLoadError(f"block_size must be a power of two, got {self.block_size}")
         if self.load_format not in ("auto", "dummy"):
             raise ModelLoadError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.quantization in ("", "none"):
+            self.quantization = None
+        if self.quantization not in (None, "int8", "int4"):
+            raise ModelLoadError(f"quantization must be int8, int4 or none, got {self.quantization!r}")
         for key in ("dtype", "lora_dtype"):
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
                 raise ModelLoadError(f"{key} must be auto, float32, bfloat16 or float16, got {getattr(self, key)!r}")

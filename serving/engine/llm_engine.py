@@ -59,10 +59,11 @@ class LLMEngine:
         self.config = config
         kernels.set_backend(config.kernels)
         self.device = pick_device(config.device)
-        dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.dtype = dtype
+        dtype = DTYPES.get(config.dtype) or (
+            torch.bfloat16 if self.device.type == "cuda" or config.quantization else torch.float32)
+        self.dtype = dtype  # of the KV cache and adapter slots; CPU activations stay float32 (engine.linear)
         self.model, self.hf_config, self.model_path, ctx = build_model(
-            config.model, config.load_format, dtype, self.device, config.max_model_len)
+            config.model, config.load_format, dtype, self.device, config.max_model_len, config.quantization)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_path)
         except (OSError, ValueError) as exc:
@@ -102,6 +103,7 @@ class LLMEngine:
         self.total_generated_tokens = 0
         self.system_fingerprint = system_fingerprint(self.identity, {
             "source": config.model, "dtype": str(dtype), "lora_dtype": config.lora_dtype, "seed": config.seed,
+            "quantization": config.quantization,
             "kernels": kernels.backend_for(self.device), "device": self.device.type})
 
     @property

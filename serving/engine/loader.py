@@ -133,8 +133,10 @@ def _map_weights(model: CausalLM, state: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch.device, max_model_len: int | None):
-    """Returns (model, hf_config, model_folder, context_length)."""
+def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch.device, max_model_len: int | None,
+                quantization: str | None = None):
+    """Returns (model, hf_config, model_folder, context_length). On the CPU, float32 and bfloat16 weights are
+    packed for oneDNN and int8/int4 quantized at load (serving.engine.linear), around float32 activations."""
     path, cfg = load_hf_config(source)
     spec = arch_spec(cfg)
     ctx = max_context(cfg, max_model_len)
@@ -165,10 +167,13 @@ def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch
         if missing:
             raise ModelLoadError(f"checkpoint in {folder} lacks weights: {missing[:5]}")
         path = str(folder)
-    model = model.to(dtype=dtype)
+    cpu_packed = device.type == "cpu" and (dtype in (torch.float32, torch.bfloat16) or quantization)
+    if quantization and not cpu_packed:
+        raise ModelLoadError(f"quantization {quantization!r} runs on the CPU only (with dtype bfloat16 or auto)")
+    if not (cpu_packed and model.pack_linears(dtype, quantization)):
+        model = model.to(dtype=dtype)  # CUDA, float16, or a torch build without oneDNN: plain torch ops
     model.set_rope(inv_freq.to(device), scaling, ctx)  # after the dtype cast, so the tables stay float32
     model.eval()
-    model.pack_linears()
     return model, cfg, path, ctx
 
 

@@ -1,0 +1,125 @@
+"""CPU weight formats (serving.engine.linear): bfloat16, int8 and int4 projections against torch references,
+engines built on each, LoRA on a quantized base, and the perplexity bounds on the default model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_lora_adapter
+from serving.engine import EngineConfig, ModelLoadError, SamplingParams
+from serving.engine.linear import Int4Linear, Int8Linear, PackedLinear, bf16_native, cpu_linear, cpu_path
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.perplexity import perplexity
+
+TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+# Bounds from the issue: a format may not become a default that misses its bound against float32.
+BOUNDS = {"bfloat16": 0.01, "int8": 0.03, "int4": 0.10}
+
+
+def _weights(n=96, k=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen) * 0.05, torch.randn(n, generator=gen) * 0.1, \
+        torch.randn(5, k, generator=gen)
+
+
+def test_bf16_projection_matches_a_bf16_matmul():
+    w, b, x = _weights()
+    lin = PackedLinear(w, b, torch.bfloat16)
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (5, 96)
+    ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b.bfloat16().float())
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)  # bf16 output rounding
+    assert not hasattr(lin, "weight")  # the dense copy is dropped
+
+
+def test_int8_projection_is_its_dequantized_weight():
+    w, b, x = _weights(seed=1)
+    lin = Int8Linear(w, b)
+    assert lin.qweight.dtype == torch.int8 and int(lin.qweight.abs().max()) == 127
+    deq = lin.dequantized()
+    assert float((deq - w).abs().max()) <= float(w.abs().max()) / 127  # within half a step per channel... twice
+    ref = x.bfloat16().float() @ deq.t() + b
+    torch.testing.assert_close(lin(x), ref, atol=3e-2, rtol=2e-2)
+
+
+def test_int4_projection_is_q4_1_of_its_weight():
+    w, b, x = _weights(seed=2)
+    lin = Int4Linear(w, b)
+    groups = w.reshape(96, -1, 32)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    deq = (torch.round((groups - lo) / scale) * scale + lo).reshape(96, 128)  # GGUF Q4_1's reconstruction
+    ref = x.bfloat16().float() @ deq.t() + b
+    torch.testing.assert_close(lin(x), ref, atol=5e-2, rtol=3e-2)
+    with pytest.raises(ModelLoadError, match="divisible by 32"):
+        Int4Linear(torch.randn(8, 40), None)
+
+
+def test_cpu_linear_picks_the_format_and_prepare_names_the_path():
+    w, b, _ = _weights()
+    assert isinstance(cpu_linear(w, b, torch.float32, None), PackedLinear)
+    assert isinstance(cpu_linear(w, b, torch.bfloat16, "int8"), Int8Linear)
+    assert isinstance(cpu_linear(w, b, torch.bfloat16, "int4"), Int4Linear)
+    line = cpu_path(torch.bfloat16, None)
+    assert ("AVX512-BF16" in line) == bf16_native()
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():  # this VM's CPU: the hardware path must be found
+        assert bf16_native() and "emulated" not in line
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(quantization="int8"), dict(quantization="int4")],
+                         ids=["bf16", "int8", "int4"])
+def test_engines_on_each_format_generate_and_batch_consistently(kw, tiny_model_factory):
+    """A tiny Llama in each format: projections swapped, KV cache bf16, the C decode path taken, and the same
+    greedy tokens for a prompt alone and inside a batch."""
+    engine = LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=64, block_size=8, **kw))
+    layer = engine.model.layers[0]
+    want = {None: PackedLinear, "int8": Int8Linear, "int4": Int4Linear}[kw.get("quantization")]
+    assert isinstance(layer.mlp.gate_up_proj, want) and isinstance(engine.model.lm_head, want)
+    assert engine.kv_caches[0][0].dtype == torch.bfloat16
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    alone = engine.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids
+    batch = engine.generate([[11, 12], [5, 6, 7, 8, 9], list(range(20, 40))], params)
+    assert batch[1].outputs[0].token_ids == alone
+    assert engine.allocator.all_free()
+
+
+def test_quantization_is_validated():
+    with pytest.raises(ModelLoadError, match="quantization must be int8, int4 or none"):
+        EngineConfig(quantization="q5_k")
+
+
+def test_lora_on_an_int4_base_in_bf16(tiny_model_factory, tmp_path):
+    """Multi-LoRA on a quantized base: the adapter's delta moves the output, and a base-only request in the
+    same batch is unchanged by it."""
+    path = tiny_model_factory("llama")
+    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, block_size=8, quantization="int4"))
+    engine.add_lora("a", make_lora_adapter(path, tmp_path / "a", rank=8, seed=3))
+    assert engine.lora.dtype == torch.bfloat16
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    base = engine.generate([[3, 4, 5, 6]], params)[0].outputs[0].token_ids
+    mixed = engine.generate([[3, 4, 5, 6], [3, 4, 5, 6]], [params, params], lora_names=[None, "a"])
+    assert mixed[0].outputs[0].token_ids == base
+    assert mixed[1].outputs[0].token_ids != base
+
+
+@pytest.mark.slow
+def test_perplexity_of_each_format_is_within_its_bound(default_model_path):
+    """SmolLM2-135M-Instruct on tests/data/perplexity.txt (public-domain prose, ~800 tokens): float32 equals
+    HF transformers; bfloat16, int8 and int4 stay within 1%, 3% and 10% of float32."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    fp32 = LLMEngine(EngineConfig(model=default_model_path, dtype="float32"))
+    ref = perplexity(fp32, TEXT)["perplexity"]
+    ids = fp32.tokenizer(TEXT)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(fp32.model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_ppl = math.exp(float(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss))
+    assert abs(ref - hf_ppl) / hf_ppl < 1e-4
+    del fp32, hf
+    for name, kw in (("bfloat16", dict(dtype="bfloat16")), ("int8", dict(quantization="int8")),
+                     ("int4", dict(quantization="int4"))):
+        ppl = perplexity(LLMEngine(EngineConfig(model=default_model_path, **kw)), TEXT)["perplexity"]
+        assert ppl > ref * 0.99 and (ppl - ref) / ref <= BOUNDS[name], (name, ppl, ref)
