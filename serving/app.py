@@ -69,7 +69,14 @@ class LLMServer:
         return s
 
     async def stream(self, req: dict):
-        """Streaming: the accepted/error item, then engine deltas (see serving.api.backend)."""
+        """Streaming: lists of items (serving.api.streaming.coalesce), first the accepted/error item, then engine
+        deltas (see serving.api.backend)."""
+        from serving.api.streaming import coalesce
+
+        async for batch in coalesce(self._items(req)):
+            yield batch
+
+    async def _items(self, req: dict):
         adapter = req.get("adapter")
         if adapter and adapter not in self.backend.adapters:
             await self._sync_adapter(adapter)

@@ -15,7 +15,7 @@ import time
 
 from serving.api.errors import APIError, not_found_model
 from serving.api.protocol import split_model
-from serving.api.streaming import cancel_stream
+from serving.api.streaming import Batched, cancel_stream
 
 log = logging.getLogger("loraplex.gateway")
 STATS_MAX_AGE_S = 60.0  # a replica that has not answered for this long is dropped from the sums
@@ -123,7 +123,7 @@ class Deployments:
         """Start a replica stream and wait for its first item: accepted (go on) or error (raise)."""
         from ray.serve.exceptions import BackPressureError
 
-        gen = self.llm[base].options(stream=True).stream.remote(req)
+        gen = Batched(self.llm[base].options(stream=True).stream.remote(req))
         try:
             first = await gen.__anext__()
         except BackPressureError:

@@ -1,4 +1,11 @@
-"""Server-sent events and the merge of several replica streams (one per completions prompt)."""
+"""Server-sent events, the merge of several replica streams (one per completions prompt), and the coalescing of
+a replica's items into lists between the model replica and the gateway.
+
+Why coalesce: every item a Ray Serve streaming call yields is one object sent between actors; with 32 streams
+decoding, that was a Ray message per token per stream, on the same 2 cores the engine needs. The replica sends
+whatever items are ready as one list (one message per stream per step when the gateway keeps up, more tokens per
+message when it falls behind), and the gateway flattens them again (Batched), so nothing else changes.
+"""
 
 from __future__ import annotations
 
@@ -70,3 +77,62 @@ async def merge_streams(gens: list):
     finally:
         for t in tasks:
             t.cancel()
+
+
+class _End:
+    def __init__(self, exc: BaseException | None = None):
+        self.exc = exc
+
+
+async def coalesce(items):
+    """Yield lists of the items of async iterator `items`: each list holds every item ready when it is sent.
+    Closing this generator (the gateway cancelled the call) cancels the pump, which closes `items`."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump():
+        try:
+            async for item in items:
+                queue.put_nowait(item)
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait(_End(exc))
+            return
+        queue.put_nowait(_End())
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            end = batch.pop() if isinstance(batch[-1], _End) else None
+            if batch:
+                yield batch
+            if end is not None:
+                if end.exc is not None:
+                    raise end.exc
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - the cancellation we asked for
+                pass
+
+
+class Batched:
+    """The gateway's side of coalesce(): iterate a replica's lists as single items; cancel() cancels the call."""
+
+    def __init__(self, gen):
+        self.gen, self.pending = gen, []
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        while not self.pending:
+            self.pending = list(await self.gen.__anext__())
+        return self.pending.pop(0)
+
+    def cancel(self) -> None:
+        cancel_stream(self.gen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from serving.api.streaming import coalesce
 from serving.api.tool_parsers import Hermes
 
 MODEL = "fake-model"
@@ -49,7 +50,7 @@ class FakeDeployment:
 
     def _stream(self, req):
         self.requests.append(req)
-        return self._gen(req)
+        return coalesce(self._gen(req))  # lists of items, as serving.app.LLMServer.stream sends them
 
     async def _gen(self, req):
         texts = self.script(req)

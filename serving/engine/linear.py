@@ -93,7 +93,8 @@ class Int4Linear(nn.Module):
         w = weight.detach().float()
         n, k = w.shape
         if k % INT4_GROUP:
-            raise ModelLoadError(f"quantization int4 needs every projection's input size divisible by {INT4_GROUP}, got {k}")
+            raise ModelLoadError(f"quantization int4 needs every projection's input size divisible by "
+                                 f"{INT4_GROUP}, got {k}")
         self.out_features, self.in_features = n, k
         groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
         lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)

