@@ -152,6 +152,41 @@ async def in_process_figures(engine, prompts: list[str], short: str) -> dict:
             "ttft_ms": statistics.median(ttfts), "tokens": sum(r[0] for r in res)}
 
 
+def physical_bounds(settings_by_prec: dict) -> dict:
+    """Measured read bandwidth (a sum over 1 GiB) and GEMM peaks (fp32, bf16), and per precision the weight bytes
+    a decode step reads (the single-stream floor: bytes / bandwidth) and the FLOPs per token (2 x params)."""
+    import torch
+
+    from serving.engine import EngineConfig
+    from serving.engine.llm_engine import LLMEngine
+
+    x = torch.ones(256 * 1024 * 1024)  # 1 GiB of float32
+    x.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    gbps = 5 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    del x
+    peaks = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        peaks[name] = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+    out = {"read_gb_s": round(gbps, 1), "gemm_gflops": {k: round(v, 1) for k, v in peaks.items()}}
+    for prec, settings in settings_by_prec.items():
+        engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=16, **settings))
+        weight_bytes = sum(m.nbytes for m in engine.model.modules() if hasattr(m, "nbytes"))
+        out[prec] = {"weight_mb_per_step": round(weight_bytes / 1e6, 1),
+                     "single_stream_bound_tok_s": round(gbps * 1e9 / weight_bytes, 1)}
+        if prec == "f32":  # 2 FLOPs per weight per token: every projection and the LM head
+            out["flops_per_token"] = weight_bytes // 2
+        del engine
+    return out
+
+
 def plot(results: dict, out: Path) -> Path:
     import matplotlib
 
@@ -257,6 +292,7 @@ async def main_async(args) -> dict:
     console.print(table)
     if results:
         out["plot"] = str(plot(results, Path(args.out)))
+    out["bounds"] = physical_bounds({p: PRECISIONS[p][0] for p in precisions})
     return out
 
 

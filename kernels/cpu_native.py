@@ -38,7 +38,10 @@ SIGNATURES = {
     "lp_lora_runs_f32": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_lora_runs_bf16w": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_limits": [_P, _P, _P, _P],
+    "lp_linear_bf16": [_P, _I64, _I32, _I64, _P, _I64, _P, _P, _I32],
+    "lp_has_avx512bf16": [],
 }
+RETURNS = {"lp_has_avx512bf16": ctypes.c_int}
 _lib: ctypes.CDLL | None = None
 _path: Path | None = None
 _failed: str | None = None
@@ -71,7 +74,7 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     lib = ctypes.CDLL(str(out))
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, RETURNS.get(name)
     return lib, out
 
 

@@ -8,7 +8,8 @@ import torch
 
 from tests.conftest import make_lora_adapter
 from serving.engine import EngineConfig, ModelLoadError, SamplingParams
-from serving.engine.linear import Int4Linear, Int8Linear, PackedLinear, bf16_native, cpu_linear, cpu_path
+from serving.engine.linear import (BF16Linear, Int4Linear, Int8Linear, PackedLinear, bf16_native, cpu_linear,
+                                   cpu_path)
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.perplexity import perplexity
 
@@ -23,14 +24,34 @@ def _weights(n=96, k=128, seed=0):
         torch.randn(5, k, generator=gen)
 
 
-def test_bf16_projection_matches_a_bf16_matmul():
+def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
+    """One or two rows take the C GEMV, more rows oneDNN; both equal a float32 matmul of the bf16-rounded x and
+    w, rounded to bf16 (both round their output), up to summation order."""
+    from kernels import cpu_native
+
     w, b, x = _weights()
-    lin = PackedLinear(w, b, torch.bfloat16)
+    lin = BF16Linear(w, b)
+    assert lin._lib is not None and lin.weight.dtype == torch.bfloat16
+    ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()
+    calls = []
+    real = lin._lib.lp_linear_bf16
+    spy = staticmethod(lambda *a: calls.append(a[2]) or real(*a))  # a[2]: the row count
+    monkeypatch.setattr(lin, "_lib", type("Spy", (), {"lp_linear_bf16": spy})())
+    for rows in (1, 2):
+        torch.testing.assert_close(lin(x[:rows]), ref[:rows], atol=1e-2, rtol=8e-3)  # one bf16 step
+    assert calls == [1, 2]
     y = lin(x)
-    assert y.dtype == torch.float32 and y.shape == (5, 96)
-    ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b.bfloat16().float())
-    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)  # bf16 output rounding
-    assert not hasattr(lin, "weight")  # the dense copy is dropped
+    assert calls == [1, 2] and y.dtype == torch.float32 and y.shape == (5, 96)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    assert cpu_native.lib().lp_has_avx512bf16() == int(bf16_native() or not Path("/proc/cpuinfo").exists()
+                                                       or "avx512_bf16" in Path("/proc/cpuinfo").read_text())
+
+
+def test_fp32_projection_is_packed_and_drops_the_dense_weight():
+    w, b, x = _weights()
+    lin = PackedLinear(w, b)
+    torch.testing.assert_close(lin(x), x @ w.t() + b, atol=1e-5, rtol=1e-5)
+    assert not hasattr(lin, "weight")
 
 
 def test_int8_projection_is_its_dequantized_weight():
@@ -59,6 +80,7 @@ def test_int4_projection_is_q4_1_of_its_weight():
 def test_cpu_linear_picks_the_format_and_prepare_names_the_path():
     w, b, _ = _weights()
     assert isinstance(cpu_linear(w, b, torch.float32, None), PackedLinear)
+    assert isinstance(cpu_linear(w, b, torch.bfloat16, None), BF16Linear)
     assert isinstance(cpu_linear(w, b, torch.bfloat16, "int8"), Int8Linear)
     assert isinstance(cpu_linear(w, b, torch.bfloat16, "int4"), Int4Linear)
     line = cpu_path(torch.bfloat16, None)
@@ -74,7 +96,7 @@ def test_engines_on_each_format_generate_and_batch_consistently(kw, tiny_model_f
     greedy tokens for a prompt alone and inside a batch."""
     engine = LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=64, block_size=8, **kw))
     layer = engine.model.layers[0]
-    want = {None: PackedLinear, "int8": Int8Linear, "int4": Int4Linear}[kw.get("quantization")]
+    want = {None: BF16Linear, "int8": Int8Linear, "int4": Int4Linear}[kw.get("quantization")]
     assert isinstance(layer.mlp.gate_up_proj, want) and isinstance(engine.model.lm_head, want)
     assert engine.kv_caches[0][0].dtype == torch.bfloat16
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

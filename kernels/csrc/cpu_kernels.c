@@ -320,3 +320,107 @@ void NAME(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t
 
 LORA_RUNS(lp_lora_runs_f32, float, ld8_f32, ld_f32)
 LORA_RUNS(lp_lora_runs_bf16w, uint16_t, ld8_bf16, ld_bf16)
+
+/* y[m, :] = x[m, :] @ w^T (+ bias) for a few rows x (decode batches) and a bfloat16 weight w [N, K] row-major:
+ * the weight is read once per call, each row of it against every x row while it sits in L1 (oneDNN's packed
+ * bf16 GEMM reached ~10 GB/s of weight reads at M = 1 here; a GEMV is bandwidth-bound). x is rounded to
+ * bfloat16 once (round to nearest even, as oneDNN does); products accumulate in float32 with AVX512-BF16's
+ * vdpbf16ps where the compiler targets it, else widened scalar loops; y is rounded to bfloat16 values (kept in
+ * float32), as oneDNN's bf16 GEMM rounds its output, so a sequence's tokens do not depend on its batch's size.
+ * K must be a multiple of 32. */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LP_HAVE_BF16 1
+#else
+#define LP_HAVE_BF16 0
+#endif
+
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf16(float f) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)to_bf16(f) << 16};
+    return v.f;
+}
+
+int lp_has_avx512bf16(void) { return LP_HAVE_BF16; }
+
+/* A tile: MB rows of x against NB consecutive rows of w (NB independent accumulator chains per x row, so the
+ * vdpbf16ps latency is hidden even at M = 1); out[m * NB + j]. */
+#if LP_HAVE_BF16
+#define GEMV_TILE(MB, NB)                                                                                         \
+static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const uint16_t *wr, float *out) {        \
+    __m512 acc[MB][NB];                                                                                           \
+    for (int m = 0; m < MB; m++)                                                                                  \
+        for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();                                             \
+    for (int64_t k = 0; k < K; k += 32) {                                                                         \
+        __m512bh wv[NB];                                                                                          \
+        _Pragma("GCC unroll 4")                                                                                   \
+        for (int j = 0; j < NB; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(wr + j * K + k));       \
+        _Pragma("GCC unroll 4")                                                                                   \
+        for (int m = 0; m < MB; m++) {                                                                            \
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + k));                           \
+            _Pragma("GCC unroll 4")                                                                               \
+            for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);                      \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int m = 0; m < MB; m++)                                                                                  \
+        for (int j = 0; j < NB; j++) out[m * NB + j] = _mm512_reduce_add_ps(acc[m][j]);                           \
+}
+#else
+#define GEMV_TILE(MB, NB)                                                                                         \
+static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const uint16_t *wr, float *out) {        \
+    for (int m = 0; m < MB; m++)                                                                                  \
+        for (int j = 0; j < NB; j++) {                                                                            \
+            float s = 0.f;                                                                                        \
+            _Pragma("omp simd reduction(+ : s)")                                                                  \
+            for (int64_t k = 0; k < K; k++) s += ld_bf16(xb + m * K, k) * ld_bf16(wr + j * K, k);                 \
+            out[m * NB + j] = s;                                                                                  \
+        }                                                                                                         \
+}
+#endif
+GEMV_TILE(1, 4)
+GEMV_TILE(2, 4)
+GEMV_TILE(4, 4)
+GEMV_TILE(1, 1)
+
+void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const uint16_t *w, int64_t N,
+                    const float *bias, float *y, int nthreads) {
+    uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
+    if (!xb) return;
+    for (int m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_bf16(x[m * x_stride + k]);
+    const int64_t NQ = N / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t q = 0; q <= NQ; q++) {
+        const int64_t n0 = q * 4;
+        float out[16];
+        if (q == NQ) {  /* the last N % 4 rows, one at a time */
+            for (int64_t n = n0; n < N; n++)
+                for (int m = 0; m < M; m++) {
+                    gemv_tile_1x1(xb + m * K, K, w + n * K, out);
+                    y[(int64_t)m * N + n] = round_bf16(out[0] + (bias ? bias[n] : 0.f));
+                }
+            continue;
+        }
+        const uint16_t *wr = w + n0 * K;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {
+            gemv_tile_4x4(xb + m * K, K, wr, out);
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * 4 + j] + (bias ? bias[n0 + j] : 0.f));
+        }
+        for (; m + 2 <= M; m += 2) {
+            gemv_tile_2x4(xb + m * K, K, wr, out);
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 4; j++) y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * 4 + j] + (bias ? bias[n0 + j] : 0.f));
+        }
+        for (; m < M; m++) {
+            gemv_tile_1x4(xb + m * K, K, wr, out);
+            for (int j = 0; j < 4; j++) y[(int64_t)m * N + n0 + j] = round_bf16(out[j] + (bias ? bias[n0 + j] : 0.f));
+        }
+    }
+    free(xb);
+}

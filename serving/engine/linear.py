@@ -1,9 +1,10 @@
 """The projections' weight formats on the CPU, each taking and returning float32 activations.
 
-- float32 / bfloat16: the dense weight pre-packed once into oneDNN's blocked layout. torch's default CPU GEMM
-  repacks the weight on every call; packing once made our projections 1.4-1.8x and the 49k-row LM head 2.5x
-  faster for decode batches on a 2-core CPU. bfloat16 runs oneDNN's AVX512-BF16 kernels where the CPU has them
-  (and its emulation where not): half the weight bytes per step.
+- float32: the dense weight pre-packed once into oneDNN's blocked layout. torch's default CPU GEMM repacks the
+  weight on every call; packing once made our projections 1.4-1.8x and the 49k-row LM head 2.5x faster for
+  decode batches on a 2-core CPU.
+- bfloat16: half the weight bytes per step; our C GEMV for one or two rows, oneDNN's AVX512-BF16 GEMM for more
+  (its emulation, and the C kernel's widened loops, where the CPU lacks AVX512-BF16).
 - int8 (per output channel, symmetric) and int4 (groups of 32 along the input, asymmetric, as GGUF's Q4_1):
   weight-only quantized at load, run by torch's fused dequantize-and-multiply CPU ops
   (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, the ones torchao uses); activations meet them in
@@ -44,24 +45,67 @@ def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
 
 
 class PackedLinear(nn.Module):
-    """A dense projection packed for oneDNN (float32 or bfloat16 weights); the dense weight is dropped after
-    packing, so memory does not double."""
+    """A dense float32 projection packed for oneDNN; the dense weight is dropped after packing, so memory does
+    not double."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.dtype = dtype
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), 32)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), 32)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "").float()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        """Weight bytes one forward reads."""
+        return self.packed.numel() * self.packed.element_size()
 
     @staticmethod
     def supported(weight: torch.Tensor) -> bool:
         return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class BF16Linear(nn.Module):
+    """A dense bfloat16 projection. Up to GEMV_ROWS rows (decode of one or two streams) run our C GEMV
+    (lp_linear_bf16: the weight read once, AVX512-BF16 dot products), which reads weights at ~1.6x the rate of
+    oneDNN's GEMM at one row here; more rows (batches, prefill) run oneDNN's bf16 GEMM on the same dense
+    weight (one copy in memory)."""
+
+    GEMV_ROWS = 2
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        from kernels import cpu_native
+
+        self._lib = cpu_native.lib() if self.in_features % 32 == 0 and _c_kernels_allowed() else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lib is not None and x.shape[0] <= self.GEMV_ROWS and x.dim() == 2 and x.stride(1) == 1 \
+                and x.dtype == torch.float32:
+            from kernels import cpu_native
+
+            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+            self._lib.lp_linear_bf16(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.weight.data_ptr(),
+                                     self.out_features, None if self.bias is None else self.bias.data_ptr(),
+                                     y.data_ptr(), cpu_native.threads())
+            return y
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, bias).float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * 2
+
+
+def _c_kernels_allowed() -> bool:
+    from kernels.dispatch import requested_backend
+
+    return requested_backend() == "auto"
 
 
 class Int8Linear(nn.Module):
@@ -75,6 +119,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * 2
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -106,6 +154,10 @@ class Int4Linear(nn.Module):
                              .to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales_zeros.numel() * 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, INT4_GROUP,
                                               self.scales_zeros).float()
@@ -119,4 +171,6 @@ def cpu_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
         return Int8Linear(weight, bias)
     if quantization == "int4":
         return Int4Linear(weight, bias)
-    return PackedLinear(weight, bias, dtype)
+    if dtype == torch.bfloat16:
+        return BF16Linear(weight, bias)
+    return PackedLinear(weight, bias)
