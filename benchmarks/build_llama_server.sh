@@ -15,9 +15,17 @@ if [ ! -d "$DEST/src" ]; then
   mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$DEST/src"
   rm -rf "$tmp"
 fi
-# Native CPU build (AVX-512/AVX512-BF16 where the CPU has them), no curl, no GPU backends: what `llama-server`
-# users get on a CPU box.
-cmake -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+# This CPU's instruction sets (AVX-512 with VNNI and BF16 where present), no curl, no GPU backends: what
+# `llama-server` users get on a CPU box. Not GGML_NATIVE: VMs report amx_* flags their kernel has not enabled,
+# and ggml's AMX path for Q8_0/Q4 then dies with SIGILL (it did on the 2-core dev VM). AMX=ON builds it anyway.
+flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)"
+has() { case " $flags " in *" $1 "*) echo ON ;; *) echo OFF ;; esac; }
+AMX="${AMX:-OFF}"
+cmake -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+  -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" \
+  -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AVX512="$(has avx512f)" \
+  -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)" \
+  -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AMX_TILE="$AMX" -DGGML_AMX_INT8="$AMX" -DGGML_AMX_BF16="$AMX" \
   -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=ON >&2
 cmake --build "$DEST/build" --target llama-server -j "$JOBS" >&2

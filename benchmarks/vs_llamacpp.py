@@ -138,7 +138,7 @@ async def in_process_figures(engine, prompts: list[str], short: str) -> dict:
         async for out in engine.generate(tok(prompt)["input_ids"], p):
             if first is None and out.outputs[0].token_ids:
                 first = 1000 * (time.perf_counter() - t0)
-            n = len(out.outputs[0].token_ids)
+            n += len(out.outputs[0].token_ids)  # each output carries the step's new tokens
         return n, first
 
     t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def physical_bounds(settings_by_prec: dict) -> dict:
         peaks[name] = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
     out = {"read_gb_s": round(gbps, 1), "gemm_gflops": {k: round(v, 1) for k, v in peaks.items()}}
     for prec, settings in settings_by_prec.items():
-        engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=16, **settings))
+        engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=128, max_model_len=2048, **settings))
         weight_bytes = sum(m.nbytes for m in engine.model.modules() if hasattr(m, "nbytes"))
         out[prec] = {"weight_mb_per_step": round(weight_bytes / 1e6, 1),
                      "single_stream_bound_tok_s": round(gbps * 1e9 / weight_bytes, 1)}
@@ -209,13 +209,45 @@ def plot(results: dict, out: Path) -> Path:
     return out
 
 
+async def run_precision(prec, rounds, server, converter, folder, work, prompts, short, advance) -> dict:
+    """Both servers and the in-process engine at one precision, `rounds` rounds alternating which goes first."""
+    from serving.engine import EngineConfig
+    from serving.engine.async_engine import AsyncEngine
+
+    settings, outtype = PRECISIONS[prec]
+    gguf = make_gguf(converter, outtype, folder, work)
+    (work / f"{prec}.yaml").write_text(serve_config(settings))
+    ours, ours_base = _start_server(str(work / f"{prec}.yaml"), work / f"loraplex-{prec}.log")
+    theirs = None
+    rows = {"loraplex": [], "llama.cpp": [], "in-process": []}
+    try:
+        theirs, theirs_base = start_llama(server, gguf, work / f"llama-{prec}.log")
+        _wait_ready(ours_base, ours, 600)
+        engine = AsyncEngine(EngineConfig(model=MODEL, max_model_len=2048, kv_cache_memory="1GiB",
+                                          max_num_seqs=64, enable_prefix_caching=False, **settings))
+        for base in (ours_base, theirs_base):  # warm-up: first allocations, kernels, caches
+            await http_figures(base, MODEL, prompts[:4], short)
+        await in_process_figures(engine, prompts[:4], short)
+        for rnd in range(rounds):
+            order = [("loraplex", ours_base), ("llama.cpp", theirs_base)]
+            for who, base in order if rnd % 2 == 0 else order[::-1]:
+                rows[who].append(await http_figures(base, MODEL, prompts, short))
+            rows["in-process"].append(await in_process_figures(engine, prompts, short))
+            advance()
+        engine.shutdown()
+    finally:
+        _stop_server(ours)
+        if theirs is not None:
+            theirs.terminate()
+            theirs.wait(timeout=30)
+    return rows
+
+
 async def main_async(args) -> dict:
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    from serving.engine import EngineConfig
-    from serving.engine.async_engine import AsyncEngine
     from serving.models import prepare_default_model
 
     console = Console(stderr=True)
@@ -229,34 +261,17 @@ async def main_async(args) -> dict:
     short = "The capital of France is"
     figures: dict[str, dict[str, list[dict]]] = {}
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    errors: dict[str, str] = {}
     with Progress(console=console) as progress:
         task = progress.add_task("precisions", total=len(precisions) * args.rounds)
         for prec in precisions:
-            settings, outtype = PRECISIONS[prec]
-            gguf = make_gguf(converter, outtype, folder, work)
-            (work / f"{prec}.yaml").write_text(serve_config(settings))
-            ours, ours_base = _start_server(str(work / f"{prec}.yaml"), work / f"loraplex-{prec}.log")
-            theirs, theirs_base = start_llama(server, gguf, work / f"llama-{prec}.log")
-            rows = figures[prec] = {"loraplex": [], "llama.cpp": [], "in-process": []}
             try:
-                _wait_ready(ours_base, ours, 600)
-                engine = AsyncEngine(EngineConfig(model=MODEL, max_model_len=2048, kv_cache_memory="1GiB",
-                                                  max_num_seqs=64, enable_prefix_caching=False, **settings))
-                for base in (ours_base, theirs_base):  # warm-up: first allocations, kernels, caches
-                    await http_figures(base, MODEL, prompts[:4], short)
-                await in_process_figures(engine, prompts[:4], short)
-                for rnd in range(args.rounds):
-                    order = [("loraplex", ours_base), ("llama.cpp", theirs_base)]
-                    for who, base in order if rnd % 2 == 0 else order[::-1]:
-                        rows[who].append(await http_figures(base, MODEL, prompts, short))
-                    rows["in-process"].append(await in_process_figures(engine, prompts, short))
-                    progress.advance(task)
-                engine.shutdown()
-                del engine
-            finally:
-                _stop_server(ours)
-                theirs.terminate()
-                theirs.wait(timeout=30)
+                figures[prec] = await run_precision(prec, args.rounds, server, converter, folder, work, prompts,
+                                                    short, lambda: progress.advance(task))
+            except Exception as exc:  # one precision failing (a peer crash) must not lose the others
+                errors[prec] = f"{type(exc).__name__}: {exc}"
+                console.print(f"[red]{prec} failed: {errors[prec]}")
+            (work / "figures.json").write_text(json.dumps({"figures": figures, "errors": errors}))
 
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
@@ -268,7 +283,7 @@ async def main_async(args) -> dict:
     for col in ("precision", "who", f"tok/s x{args.requests}", "ratio", "single tok/s", "ratio", "TTFT ms", "delta"):
         table.add_column(col)
     out = {"benchmark": "vs_llamacpp", "machine": machine(), "requests": args.requests, "max_tokens": MAX_TOKENS,
-           "rounds": args.rounds}
+           "rounds": args.rounds, "errors": errors, "figures_file": str(work / "figures.json")}
     for p, per in results.items():
         ref = per["llama.cpp"]
         # ratios per round (each pair ran minutes apart at most), then the median
@@ -293,6 +308,8 @@ async def main_async(args) -> dict:
     if results:
         out["plot"] = str(plot(results, Path(args.out)))
     out["bounds"] = physical_bounds({p: PRECISIONS[p][0] for p in precisions})
+    out["rounds_detail"] = {p: {who: [round(r["tok_s"], 1) for r in rows] for who, rows in per.items()}
+                            for p, per in figures.items()}
     return out
 
 

@@ -393,7 +393,9 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
     for (int m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_bf16(x[m * x_stride + k]);
     const int64_t NQ = N / 4;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+    /* dynamic chunks of 16 rows: a thread the OS preempted (Ray's processes share these cores) does not hold the
+     * whole step back, as a static split would */
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
     for (int64_t q = 0; q <= NQ; q++) {
         const int64_t n0 = q * 4;
         float out[16];
