@@ -15,8 +15,8 @@ KV_KERNELS = {torch.float32: "lp_paged_decode_f32", torch.bfloat16: "lp_paged_de
 
 
 def supports(q, k_cache, v_cache, block_tables, seq_lens) -> bool:
-    """float32 CPU queries, a float32 or bfloat16 cache, in the shared layouts, within the kernel's fixed buffer sizes, block ids in range (once
-    per step), and the library built."""
+    """float32 CPU queries, a float32 or bfloat16 cache, in the shared layouts, within the kernel's fixed buffer
+    sizes, block ids in range (once per step), and the library built."""
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2]):
         return False
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_KERNELS or not cpu_native.usable(q):
@@ -56,5 +56,5 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     getattr(cpu_native.lib(), KV_KERNELS[k_cache.dtype])(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
         lens.data_ptr(), out.data_ptr(), s, hq, k_cache.shape[2], d, k_cache.shape[1], float(scale),
-        cpu_native.threads())
+        cpu_native.threads(s))
     return out

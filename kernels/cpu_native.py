@@ -125,5 +125,12 @@ def limits() -> dict[str, int]:
     return _limits
 
 
-def threads() -> int:
+def threads(rows: int | None = None) -> int:
+    """OpenMP threads for a call over `rows` independent rows: one below SERIAL_ROWS (a decode step of one or two
+    streams: forking a team costs more than the work, ~10 us a call, 150 calls a step), else torch's count."""
+    if rows is not None and rows < SERIAL_ROWS:
+        return 1
     return torch.get_num_threads()
+
+
+SERIAL_ROWS = 4

@@ -23,7 +23,8 @@ def rms_norm(x, weight, eps, residual=None):
     out = torch.empty(x.shape, dtype=x.dtype)
     delta, delta_stride = (None, 0) if residual is None else (x.data_ptr(), x.stride(0))
     cpu_native.lib().lp_add_rms_norm_f32(h.data_ptr(), h.stride(0), delta, delta_stride, weight.data_ptr(),
-                                         out.data_ptr(), x.shape[0], x.shape[1], float(eps), cpu_native.threads())
+                                         out.data_ptr(), x.shape[0], x.shape[1], float(eps),
+                                         cpu_native.threads(x.shape[0]))
     return out, h
 
 
@@ -34,7 +35,7 @@ def ok_silu_and_mul(gu) -> bool:
 def silu_and_mul(gu):
     t, i = gu.shape[0], gu.shape[1] // 2
     out = torch.empty((t, i), dtype=gu.dtype)
-    cpu_native.lib().lp_silu_mul_f32(gu.data_ptr(), out.data_ptr(), t, i, cpu_native.threads())
+    cpu_native.lib().lp_silu_mul_f32(gu.data_ptr(), out.data_ptr(), t, i, cpu_native.threads(t))
     return out
 
 
@@ -46,5 +47,5 @@ def ok_rotary(x, cos, sin) -> bool:
 
 def rotary(x, cos, sin):
     cpu_native.lib().lp_rope_f32(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), x.shape[0], x.shape[1],
-                                 x.shape[2], cpu_native.threads())
+                                 x.shape[2], cpu_native.threads(x.shape[0]))
     return x
