@@ -10,6 +10,7 @@ Each LLMServer replica owns one AsyncEngine; the gateway streams its deltas thro
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 from ray import serve
@@ -27,6 +28,15 @@ def _replica_id() -> str:
         return "local"
 
 
+def _replica_cpus() -> int:
+    """The CPUs this process may run on. Ray sets OMP_NUM_THREADS=1 in every actor (num_cpus 1 by default), so a
+    replica's torch would otherwise decode on one core while the machine has more."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=10)
 class LLMServer:
     """One base model: an engine per replica; adapters are served through the same engine (lora_name)."""
@@ -38,7 +48,9 @@ class LLMServer:
         from serving.engine.async_engine import AsyncEngine
 
         self.spec = ModelSpec.model_validate(spec)
-        engine = AsyncEngine(EngineConfig(**self.spec.engine_kwargs()))
+        kwargs = self.spec.engine_kwargs()
+        kwargs["num_threads"] = kwargs["num_threads"] or _replica_cpus()
+        engine = AsyncEngine(EngineConfig(**kwargs))
         self.backend = ModelBackend(engine, self.spec.name, tool_call_parser=self.spec.tool_call_parser)
         self.roots = list(adapter_roots or [])
         self.replica = _replica_id()

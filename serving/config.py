@@ -73,6 +73,9 @@ class ModelSpec(_Strict):
         None, description="CPU weight-only quantization at load (int8 per channel, int4 in groups of 32); "
                           "activations and the KV cache in bfloat16/float32, adapters as lora_dtype")
     device: str = "auto"
+    num_threads: int | None = Field(None, ge=1, description="CPU threads of each replica's engine; None: the CPUs "
+                                    "the replica may run on (Ray sets OMP_NUM_THREADS=1 in its actors, which "
+                                    "halved decode speed on 2 cores)")
     max_model_len: int | None = Field(None, gt=0)
     kv_cache_memory: str | int = "1GiB"
     block_size: int = Field(16, gt=0)
@@ -152,6 +155,7 @@ class ModelSpec(_Strict):
             dtype=self.dtype,
             quantization=None if self.quantization == "none" else self.quantization,
             device=self.device,
+            num_threads=self.num_threads,
             max_model_len=self.max_model_len,
             kv_cache_memory=self.kv_cache_memory,
             block_size=self.block_size,

@@ -97,6 +97,9 @@ class AsyncEngine:
                 fut.set_exception(exc)
 
     def _loop(self) -> None:
+        from serving.engine.llm_engine import apply_num_threads
+
+        apply_num_threads(self.config)
         while not self._stopped.is_set():
             block = not self.engine.has_unfinished()
             try:

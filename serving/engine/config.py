@@ -31,6 +31,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA and under quantization), float32, bfloat16, float16
     quantization: str | None = None  # CPU weight-only int8 or int4 (serving.engine.linear); None: dense weights
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    num_threads: int | None = None  # CPU threads for torch and our C kernels; None: torch's (OMP_NUM_THREADS)
     load_format: str = "auto"  # auto (safetensors/bin) or dummy (random weights at the config's shapes)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     block_size: int = 16  # tokens per KV block
@@ -55,6 +56,8 @@ class EngineConfig:
             raise ModelLoadError(f"block_size must be a power of two, got {self.block_size}")
         if self.load_format not in ("auto", "dummy"):
             raise ModelLoadError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ModelLoadError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.quantization in ("", "none"):
             self.quantization = None
         if self.quantization not in (None, "int8", "int4"):

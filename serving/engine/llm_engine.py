@@ -15,6 +15,7 @@ from serving.identity import model_identity, system_fingerprint
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.errors import AdapterError, AdapterNotFoundError, ContextLengthExceededError, InvalidRequestError, ModelLoadError
 from serving.engine.grammar import Grammars
+from serving.engine.linear import cpu_path
 from serving.engine.kv_cache import BlockAllocator
 from serving.engine.loader import build_model, load_generation_eos
 from serving.engine.model import ForwardBatch
@@ -50,6 +51,13 @@ class _Request:
     metrics: dict = field(default_factory=dict)
 
 
+def apply_num_threads(config: EngineConfig) -> None:
+    """Set torch's (and so our C kernels') CPU threads for the calling thread: OpenMP keeps the count per thread,
+    so the engine thread calls this again (serving.engine.async_engine)."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
@@ -58,6 +66,7 @@ class LLMEngine:
 
         self.config = config
         kernels.set_backend(config.kernels)
+        apply_num_threads(config)
         self.device = pick_device(config.device)
         dtype = DTYPES.get(config.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" or config.quantization else torch.float32)
@@ -83,7 +92,8 @@ class LLMEngine:
         shape = (num_blocks, config.block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.model.layers]
-        log.info("kernels: %s", kernels.prepare(self.device, dtype))
+        log.info("kernels: %s; weights: %s; %d CPU threads", kernels.prepare(self.device, dtype),
+                 cpu_path(dtype, config.quantization) if self.device.type == "cpu" else dtype, torch.get_num_threads())
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
