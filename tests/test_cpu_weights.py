@@ -47,6 +47,35 @@ def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
                                                        or "avx512_bf16" in Path("/proc/cpuinfo").read_text())
 
 
+def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
+    """A CPU without AVX512-BF16 (built here with -mno-avx512bf16 after -march=native): the C GEMV's widened scalar
+    loops give the same bf16-rounded results, and bf16 decode attention still runs."""
+    import os
+    import subprocess
+    import sys
+
+    cc = tmp_path / "cc-without-bf16"
+    cc.write_text('#!/bin/sh\nexec cc "$@" -mno-avx512bf16\n')
+    cc.chmod(0o755)
+    code = ("import torch\n"
+            "from kernels import cpu_native\n"
+            "from serving.engine.linear import BF16Linear\n"
+            "assert cpu_native.lib().lp_has_avx512bf16() == 0\n"
+            "g = torch.Generator().manual_seed(5)\n"
+            "w, b = torch.randn(40, 64, generator=g) * 0.1, torch.randn(40, generator=g)\n"
+            "x = torch.randn(2, 64, generator=g)\n"
+            "lin = BF16Linear(w, b)\n"
+            "assert lin._lib is not None\n"
+            "ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()\n"
+            "torch.testing.assert_close(lin(x), ref, atol=1e-2, rtol=8e-3)\n"
+            "print('ok')\n")
+    env = dict(os.environ, CC=str(cc), LORAPLEX_HOME=str(tmp_path / "home"))
+    env.pop("LORAPLEX_KERNELS", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=str(Path(__file__).parent.parent))
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 def test_fp32_projection_is_packed_and_drops_the_dense_weight():
     w, b, x = _weights()
     lin = PackedLinear(w, b)
