@@ -34,74 +34,76 @@ static inline float ld_bf16(const uint16_t *p, int64_t i) {
     union { uint32_t u; float f; } v = {.u = (uint32_t)p[i] << 16};
     return v.f;
 }
-#define PAGED_DECODE(NAME, KT, LD)                                                                                                 \
-void NAME(const float *q, int64_t q_stride, const KT *k_cache, const KT *v_cache,                                                  \
-                         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, float *out,                      \
-                         int S, int Hq, int Hkv, int D, int BS, float scale, int nthreads) {                                       \
-    const int G = Hq / Hkv;                                                                                                        \
-    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)BS * Hkv * D, row_bytes = tok_stride * (int64_t)sizeof(KT); \
-_Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                                             \
-    for (int s = 0; s < S; s++) {                                                                                                  \
-        const int len = seq_lens[s];                                                                                               \
-        float qv[MAX_HEADS][MAX_DIM], acc[MAX_HEADS][MAX_DIM], p[MAX_HEADS][MAX_BLOCK], m[MAX_HEADS], l[MAX_HEADS];                \
-        for (int h = 0; h < Hq; h++) {                                                                                             \
-            const float *src = q + s * q_stride + (int64_t)h * D;                                                                  \
-            for (int d = 0; d < D; d++) {                                                                                          \
-                qv[h][d] = src[d] * scale;                                                                                         \
-                acc[h][d] = 0.f;                                                                                                   \
-            }                                                                                                                      \
-            m[h] = -1e30f;  /* finite: under -ffast-math, -inf and its arithmetic are not safe */                                  \
-            l[h] = 0.f;                                                                                                            \
-        }                                                                                                                          \
-        for (int start = 0; start < len; start += BS) {                                                                            \
-            const int n = len - start < BS ? len - start : BS;                                                                     \
-            const int64_t blk = block_tables[s * bt_stride + start / BS];                                                          \
-            const int64_t nxt = start + BS < len ? block_tables[s * bt_stride + start / BS + 1] : blk;                             \
-            const KT *kb = k_cache + blk * blk_stride, *vb = v_cache + blk * blk_stride;                                           \
-            const char *nk = (const char *)(k_cache + nxt * blk_stride), *nv = (const char *)(v_cache + nxt * blk_stride);         \
-            for (int t = 0; t < n; t++) {  /* scores; prefetch the next block's row t meanwhile */                                 \
-                for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {                                          \
-                    __builtin_prefetch(nk + off);                                                                                  \
-                    __builtin_prefetch(nv + off);                                                                                  \
-                }                                                                                                                  \
-                for (int h = 0; h < Hq; h++) {                                                                                     \
-                    const KT *kr = kb + t * tok_stride + (h / G) * D;                                                              \
-                    float dot = 0.f;                                                                                               \
-_Pragma("omp simd reduction(+ : dot)")                                                                                             \
-                    for (int d = 0; d < D; d++) dot += qv[h][d] * LD(kr, d);                                                       \
-                    p[h][t] = dot;                                                                                                 \
-                }                                                                                                                  \
-            }                                                                                                                      \
-            for (int h = 0; h < Hq; h++) {  /* online softmax: rescale what was accumulated to the new max */                      \
-                float bmax = m[h];                                                                                                 \
-                for (int t = 0; t < n; t++) bmax = p[h][t] > bmax ? p[h][t] : bmax;                                                \
-                const float corr = expf(m[h] - bmax);                                                                              \
-                float sum = 0.f;                                                                                                   \
-_Pragma("omp simd reduction(+ : sum)")                                                                                             \
-                for (int t = 0; t < n; t++) {                                                                                      \
-                    p[h][t] = expf(p[h][t] - bmax);                                                                                \
-                    sum += p[h][t];                                                                                                \
-                }                                                                                                                  \
-                l[h] = l[h] * corr + sum;                                                                                          \
-                m[h] = bmax;                                                                                                       \
-                if (corr != 1.f)                                                                                                   \
-                    for (int d = 0; d < D; d++) acc[h][d] *= corr;                                                                 \
-            }                                                                                                                      \
-            for (int t = 0; t < n; t++) {                                                                                          \
-                for (int h = 0; h < Hq; h++) {                                                                                     \
-                    const KT *vr = vb + t * tok_stride + (h / G) * D;                                                              \
-                    const float pt = p[h][t];                                                                                      \
-_Pragma("omp simd")                                                                                                                \
-                    for (int d = 0; d < D; d++) acc[h][d] += pt * LD(vr, d);                                                       \
-                }                                                                                                                  \
-            }                                                                                                                      \
-        }                                                                                                                          \
-        for (int h = 0; h < Hq; h++) {                                                                                             \
-            float *dst = out + ((int64_t)s * Hq + h) * D;                                                                          \
-            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;                                                                       \
-            for (int d = 0; d < D; d++) dst[d] = acc[h][d] * inv;                                                                  \
-        }                                                                                                                          \
-    }                                                                                                                              \
+#define PAGED_DECODE(NAME, KT, LD)                                                                                   \
+void NAME(const float *q, int64_t q_stride, const KT *k_cache, const KT *v_cache,                                    \
+                         const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, float *out,        \
+                         int S, int Hq, int Hkv, int D, int BS, float scale, int nthreads) {                         \
+    const int G = Hq / Hkv;                                                                                          \
+    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)BS * Hkv * D;                             \
+    const int64_t row_bytes = tok_stride * (int64_t)sizeof(KT);                                                   \
+_Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                                               \
+    for (int s = 0; s < S; s++) {                                                                                    \
+        const int len = seq_lens[s];                                                                                 \
+        float qv[MAX_HEADS][MAX_DIM], acc[MAX_HEADS][MAX_DIM], p[MAX_HEADS][MAX_BLOCK], m[MAX_HEADS], l[MAX_HEADS];  \
+        for (int h = 0; h < Hq; h++) {                                                                               \
+            const float *src = q + s * q_stride + (int64_t)h * D;                                                    \
+            for (int d = 0; d < D; d++) {                                                                            \
+                qv[h][d] = src[d] * scale;                                                                           \
+                acc[h][d] = 0.f;                                                                                     \
+            }                                                                                                        \
+            m[h] = -1e30f;  /* finite: under -ffast-math, -inf and its arithmetic are not safe */                    \
+            l[h] = 0.f;                                                                                              \
+        }                                                                                                            \
+        for (int start = 0; start < len; start += BS) {                                                              \
+            const int n = len - start < BS ? len - start : BS;                                                       \
+            const int64_t blk = block_tables[s * bt_stride + start / BS];                                            \
+            const int64_t nxt = start + BS < len ? block_tables[s * bt_stride + start / BS + 1] : blk;               \
+            const KT *kb = k_cache + blk * blk_stride, *vb = v_cache + blk * blk_stride;                             \
+            const char *nk = (const char *)(k_cache + nxt * blk_stride);                                          \
+            const char *nv = (const char *)(v_cache + nxt * blk_stride);                                          \
+            for (int t = 0; t < n; t++) {  /* scores; prefetch the next block's row t meanwhile */                   \
+                for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {                            \
+                    __builtin_prefetch(nk + off);                                                                    \
+                    __builtin_prefetch(nv + off);                                                                    \
+                }                                                                                                    \
+                for (int h = 0; h < Hq; h++) {                                                                       \
+                    const KT *kr = kb + t * tok_stride + (h / G) * D;                                                \
+                    float dot = 0.f;                                                                                 \
+_Pragma("omp simd reduction(+ : dot)")                                                                               \
+                    for (int d = 0; d < D; d++) dot += qv[h][d] * LD(kr, d);                                         \
+                    p[h][t] = dot;                                                                                   \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int h = 0; h < Hq; h++) {  /* online softmax: rescale what was accumulated to the new max */        \
+                float bmax = m[h];                                                                                   \
+                for (int t = 0; t < n; t++) bmax = p[h][t] > bmax ? p[h][t] : bmax;                                  \
+                const float corr = expf(m[h] - bmax);                                                                \
+                float sum = 0.f;                                                                                     \
+_Pragma("omp simd reduction(+ : sum)")                                                                               \
+                for (int t = 0; t < n; t++) {                                                                        \
+                    p[h][t] = expf(p[h][t] - bmax);                                                                  \
+                    sum += p[h][t];                                                                                  \
+                }                                                                                                    \
+                l[h] = l[h] * corr + sum;                                                                            \
+                m[h] = bmax;                                                                                         \
+                if (corr != 1.f)                                                                                     \
+                    for (int d = 0; d < D; d++) acc[h][d] *= corr;                                                   \
+            }                                                                                                        \
+            for (int t = 0; t < n; t++) {                                                                            \
+                for (int h = 0; h < Hq; h++) {                                                                       \
+                    const KT *vr = vb + t * tok_stride + (h / G) * D;                                                \
+                    const float pt = p[h][t];                                                                        \
+_Pragma("omp simd")                                                                                                  \
+                    for (int d = 0; d < D; d++) acc[h][d] += pt * LD(vr, d);                                         \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int h = 0; h < Hq; h++) {                                                                               \
+            float *dst = out + ((int64_t)s * Hq + h) * D;                                                            \
+            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;                                                         \
+            for (int d = 0; d < D; d++) dst[d] = acc[h][d] * inv;                                                    \
+        }                                                                                                            \
+    }                                                                                                                \
 }
 PAGED_DECODE(lp_paged_decode_f32, float, ld_f32)
 PAGED_DECODE(lp_paged_decode_bf16kv, uint16_t, ld_bf16)
@@ -357,12 +359,9 @@ static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const ui
         for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();                                             \
     for (int64_t k = 0; k < K; k += 32) {                                                                         \
         __m512bh wv[NB];                                                                                          \
-        _Pragma("GCC unroll 4")                                                                                   \
         for (int j = 0; j < NB; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(wr + j * K + k));       \
-        _Pragma("GCC unroll 4")                                                                                   \
         for (int m = 0; m < MB; m++) {                                                                            \
             __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + k));                           \
-            _Pragma("GCC unroll 4")                                                                               \
             for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);                      \
         }                                                                                                         \
     }                                                                                                             \
@@ -383,8 +382,15 @@ static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const ui
 #endif
 GEMV_TILE(1, 4)
 GEMV_TILE(2, 4)
-GEMV_TILE(4, 4)
 GEMV_TILE(1, 1)
+
+/* y rows m.. m+MB-1, columns n0.. n0+NB-1 from a tile's out[i * NB + j], plus bias, rounded to bf16 values */
+static inline void store_tile(float *y, int64_t N, int m, int MB, int64_t n0, int NB, const float *out,
+                              const float *bias) {
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NB; j++)
+            y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * NB + j] + (bias ? bias[n0 + j] : 0.f));
+}
 
 void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const uint16_t *w, int64_t N,
                     const float *bias, float *y, int nthreads) {
@@ -398,30 +404,24 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
     for (int64_t q = 0; q <= NQ; q++) {
         const int64_t n0 = q * 4;
-        float out[16];
+        float out[8];
         if (q == NQ) {  /* the last N % 4 rows, one at a time */
             for (int64_t n = n0; n < N; n++)
                 for (int m = 0; m < M; m++) {
                     gemv_tile_1x1(xb + m * K, K, w + n * K, out);
-                    y[(int64_t)m * N + n] = round_bf16(out[0] + (bias ? bias[n] : 0.f));
+                    store_tile(y, N, m, 1, n, 1, out, bias);
                 }
             continue;
         }
         const uint16_t *wr = w + n0 * K;
         int m = 0;
-        for (; m + 4 <= M; m += 4) {
-            gemv_tile_4x4(xb + m * K, K, wr, out);
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * 4 + j] + (bias ? bias[n0 + j] : 0.f));
-        }
         for (; m + 2 <= M; m += 2) {
             gemv_tile_2x4(xb + m * K, K, wr, out);
-            for (int i = 0; i < 2; i++)
-                for (int j = 0; j < 4; j++) y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * 4 + j] + (bias ? bias[n0 + j] : 0.f));
+            store_tile(y, N, m, 2, n0, 4, out, bias);
         }
-        for (; m < M; m++) {
+        if (m < M) {
             gemv_tile_1x4(xb + m * K, K, wr, out);
-            for (int j = 0; j < 4; j++) y[(int64_t)m * N + n0 + j] = round_bf16(out[j] + (bias ? bias[n0 + j] : 0.f));
+            store_tile(y, N, m, 1, n0, 4, out, bias);
         }
     }
     free(xb);

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from serving.engine.errors import ModelLoadError
 
+QUANTIZATIONS = ("int8", "int4")  # CPU weight-only formats (serving.engine.linear)
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -60,7 +62,7 @@ class EngineConfig:
             raise ModelLoadError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.quantization in ("", "none"):
             self.quantization = None
-        if self.quantization not in (None, "int8", "int4"):
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ModelLoadError(f"quantization must be int8, int4 or none, got {self.quantization!r}")
         for key in ("dtype", "lora_dtype"):
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):

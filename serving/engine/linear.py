@@ -22,7 +22,6 @@ from torch import nn
 
 from serving.engine.errors import ModelLoadError
 
-QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 32
 
 
@@ -40,7 +39,7 @@ def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     if quantization:
         return f"{quantization} weights (torch fused dequant-matmul, {native} activations)"
     if dtype == torch.bfloat16:
-        return f"bf16 weights and KV cache, float32 activations (oneDNN, {native})"
+        return f"bf16 weights and KV cache, float32 activations (C GEMV for 1-2 rows, oneDNN for more; {native})"
     return "float32 weights (oneDNN pre-packed)"
 
 
@@ -80,9 +79,10 @@ class BF16Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.bias_bf16 = None if bias is None else self.bias.detach().to(torch.bfloat16)  # oneDNN's operand
         from kernels import cpu_native
 
-        self._lib = cpu_native.lib() if self.in_features % 32 == 0 and _c_kernels_allowed() else None
+        self._lib = cpu_native.lib() if self.in_features % 32 == 0 and cpu_native.usable() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lib is not None and x.shape[0] <= self.GEMV_ROWS and x.dim() == 2 and x.stride(1) == 1 \
@@ -94,18 +94,11 @@ class BF16Linear(nn.Module):
                                      self.out_features, None if self.bias is None else self.bias.data_ptr(),
                                      y.data_ptr(), cpu_native.threads())
             return y
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, bias).float()
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias_bf16).float()
 
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * 2
-
-
-def _c_kernels_allowed() -> bool:
-    from kernels.dispatch import requested_backend
-
-    return requested_backend() == "auto"
 
 
 class Int8Linear(nn.Module):

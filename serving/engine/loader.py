@@ -169,7 +169,7 @@ def build_model(source: str, load_format: str, dtype: torch.dtype, device: torch
         path = str(folder)
     cpu_packed = device.type == "cpu" and (dtype in (torch.float32, torch.bfloat16) or quantization)
     if quantization and not cpu_packed:
-        raise ModelLoadError(f"quantization {quantization!r} runs on the CPU only (with dtype bfloat16 or auto)")
+        raise ModelLoadError(f"quantization {quantization!r} runs on the CPU only (device: cpu)")
     if not (cpu_packed and model.pack_linears(dtype, quantization)):
         model = model.to(dtype=dtype)  # CUDA, float16, or a torch build without oneDNN: plain torch ops
     model.set_rope(inv_freq.to(device), scaling, ctx)  # after the dtype cast, so the tables stay float32
