@@ -84,7 +84,9 @@ def prepare(device: torch.device, dtype: torch.dtype) -> str:
     """Build now what auto will use for tensors of this device and dtype (the C kernels compile once per
     machine, ~3 s), so the first request does not wait for it; returns a line saying which kernels run."""
     backend = backend_for(device)
-    if backend == "torch" and requested_backend() == "auto" and device.type == "cpu" and dtype == torch.float32:
+    # bfloat16 and quantized CPU models keep float32 activations, so they run the C kernels too (engine.linear)
+    if backend == "torch" and requested_backend() == "auto" and device.type == "cpu" \
+            and dtype in (torch.float32, torch.bfloat16):
         from kernels import cpu_native
 
         return cpu_native.status()
