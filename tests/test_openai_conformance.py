@@ -46,9 +46,10 @@ fine_tuning: {{enabled: false}}
 governance: {{open_access: true}}
 """
 HI = [{"role": "user", "content": "Say hello."}]
+# free strings are bounded (maxLength) so a tool call always fits in max_tokens, whatever the model writes
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                    "required": ["city", "unit"]}}}
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -146,7 +147,7 @@ def test_chat_n2(http):
 
 def test_chat_named_tool_choice(http):
     body = chat(http, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=48,
-                tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+                temperature=0, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     calls = body["choices"][0]["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
     json.loads(calls[0]["function"]["arguments"])
@@ -183,7 +184,7 @@ def test_chat_stream_logprobs_n2(http):
 
 
 def test_chat_stream_tool_calls(http):
-    events = chat_stream(http, {"model": MODEL, "max_tokens": 48, "tools": [WEATHER],
+    events = chat_stream(http, {"model": MODEL, "max_tokens": 48, "temperature": 0, "tools": [WEATHER],
                                 "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
                                 "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     pieces = [t for e in events for c in e["choices"] for t in c["delta"].get("tool_calls") or []]

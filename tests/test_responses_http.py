@@ -36,7 +36,7 @@ responses: {{ttl_s: {TTL_S}}}
 DOCS = [{"id": "festivals/zorblat.md", "text": "The Zorblat festival is held every year in the hill town of "
                                                 "Quillmoor on the ninth of March."},
         {"id": "animals/glacier-fox.md", "text": "Glacier foxes of the Vellmark tundra sleep twenty hours a day."}]
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Get the weather of a city",
           "parameters": WEATHER}]
 

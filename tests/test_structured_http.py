@@ -41,7 +41,7 @@ governance: {{open_access: true}}
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
           "required": ["name", "age"], "additionalProperties": False}
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather of a city",
