@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 
 from ray import serve
 
@@ -51,9 +52,10 @@ class LLMServer:
         kwargs = self.spec.engine_kwargs()
         kwargs["num_threads"] = kwargs["num_threads"] or _replica_cpus()
         engine = AsyncEngine(EngineConfig(**kwargs))
-        self.backend = ModelBackend(engine, self.spec.name, tool_call_parser=self.spec.tool_call_parser)
-        self.roots = list(adapter_roots or [])
         self.replica = _replica_id()
+        self.backend = ModelBackend(engine, self.spec.name, tool_call_parser=self.spec.tool_call_parser,
+                                    replica=self.replica)
+        self.roots = list(adapter_roots or [])
         # Config adapters first (not restricted to the roots), then those added at run time (registry).
         from serving.adapters import entry, read_registry
 
@@ -79,6 +81,12 @@ class LLMServer:
         s = self.backend.stats()
         s["replica"] = self.replica
         return s
+
+    def record_routing_stats(self) -> dict:
+        """What serving.replica_choice reads of this replica (Serve polls it every ROUTING_STATS_PERIOD_S)."""
+        s = self.backend.engine.stats()
+        return {"queue": s.get("num_running", 0) + s.get("num_waiting", 0), "time": time.time(),
+                "adapters": [a["name"] for a in s.get("adapters", ()) if a.get("state") == "gpu"]}
 
     async def stream(self, req: dict):
         """Streaming: lists of items (serving.api.streaming.coalesce), first the accepted/error item, then engine
@@ -222,6 +230,15 @@ def _scaling(spec: ModelSpec) -> dict:
     return {"num_replicas": spec.num_replicas}
 
 
+def _replica_choice(spec: ModelSpec):
+    from ray.serve.config import RequestRouterConfig
+
+    from serving.replica_choice import ROUTING_STATS_PERIOD_S, ReplicaChoice
+
+    return RequestRouterConfig(request_router_class=ReplicaChoice, request_router_kwargs={
+        "policy": spec.replica_choice}, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
+
+
 def build_app(config: ServeConfig):
     """The bound Ray Serve application for a validated config."""
     llm = {}
@@ -231,6 +248,7 @@ def build_app(config: ServeConfig):
             name=deployment_name(spec.name),
             ray_actor_options=spec.ray_actor_options.to_ray(),
             max_ongoing_requests=spec.max_num_seqs + spec.max_waiting + 8,
+            request_router_config=_replica_choice(spec),
             **_scaling(spec),
         ).bind(spec.model_dump(), adapters, config.adapter_roots)
     embed = None

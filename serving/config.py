@@ -95,6 +95,9 @@ class ModelSpec(_Strict):
                                                              "a request may send (bytes of JSON)")
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
+    replica_choice: Literal["prefix", "pow2"] = Field(
+        "prefix", description="which replica takes a request: prefix = the one holding the longest prefix of its "
+                              "prompt unless clearly busier, else power-of-two choices (serving.replica_choice)")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     price: ModelPrice | None = Field(
         None, description="USD per 1M tokens, or gpu_hour_usd with measured throughput; None: the default "

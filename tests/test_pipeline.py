@@ -15,7 +15,7 @@ from serving.api.testing import MODEL, FakeDeployment
 from serving.config import parse_config
 
 
-def make_client(script, tmp_path, monkeypatch, governance: bool = False, fail_after=None):
+def make_client(script, tmp_path, monkeypatch, governance: bool = False, **fake_options):
     from serving.api.gateway import GatewayCore
     from serving.api.openai_routes import create_app
 
@@ -25,7 +25,7 @@ def make_client(script, tmp_path, monkeypatch, governance: bool = False, fail_af
                         "embeddings": {"enabled": False}, "rag": {"enabled": False},
                         "governance": {"enabled": governance, "database": str(tmp_path / "gov.db"),
                                        "audit": {"path": str(tmp_path / "audit.jsonl")}}})
-    fake = FakeDeployment(script, fail_after)
+    fake = FakeDeployment(script, **fake_options)
     core = GatewayCore(cfg, {MODEL: fake})
     core.deployments.ready.add(MODEL)
     core.deployments.context[MODEL] = 512

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -82,6 +83,7 @@ def delta_item(out, token_bytes: TokenBytes | None = None) -> dict:
             "index": c.index,
             "text": c.text,
             "num_tokens": len(c.token_ids),
+            "token_ids": list(c.token_ids),  # what a failover resumes from (serving.api.failover)
             "logprobs": _logprobs_dict(lps, token_bytes),
             "finish_reason": c.finish_reason,
         })
@@ -98,7 +100,8 @@ def delta_item(out, token_bytes: TokenBytes | None = None) -> dict:
 class ModelBackend:
     """One engine and the API-level work around it, inside a model replica."""
 
-    def __init__(self, engine, name: str, adapters: dict[str, str] | None = None, tool_call_parser: str = "auto"):
+    def __init__(self, engine, name: str, adapters: dict[str, str] | None = None, tool_call_parser: str = "auto",
+                 replica: str = "local"):
         from serving.api.tool_parsers import pick_parser
 
         self.engine = engine
@@ -109,6 +112,7 @@ class ModelBackend:
         self.adapters = dict(adapters or {})  # adapter name -> source; the engine owns the weights
         self.created = int(time.time())
         self.token_bytes = TokenBytes(engine.tokenizer)  # built at the first request that asks for logprobs
+        self.replica = replica  # named in each accepted item (a failover says which replica it left)
 
     # ---- requests -------------------------------------------------------------------------------
     def _prompt_ids(self, req: dict) -> tuple[list[int], str | None]:
@@ -140,6 +144,8 @@ class ModelBackend:
         try:
             prompt_ids, prompt_text = self._prompt_ids(req)
             params = SamplingParams(**self._with_tool_grammar(req)).validate()
+            if not params.greedy and params.seed is None:  # told to the gateway: a failover resumes with it
+                params.seed = secrets.randbits(62)
             self.engine.check_request(prompt_ids, params)
         except APIError:
             raise
@@ -184,7 +190,9 @@ class ModelBackend:
         token_bytes = None
         if params.logprobs is not None:
             token_bytes = await asyncio.to_thread(self.token_bytes.ready)
-        gen = self.engine.generate(prompt_ids, params, request_id=request_id, lora_name=req.get("adapter"))
+        resume = req.get("resume")  # choice index -> tokens another replica delivered (serving.api.failover)
+        gen = self.engine.generate(prompt_ids, params, request_id=request_id, lora_name=req.get("adapter"),
+                                   resume={int(i): list(t) for i, t in resume.items()} if resume else None)
         finished = False
         try:
             try:
@@ -203,6 +211,7 @@ class ModelBackend:
                 return
             yield {"kind": "accepted", "request_id": request_id, "prompt_tokens": len(prompt_ids),
                    "prompt_text": prompt_text, "system_fingerprint": self.engine.system_fingerprint,
+                   "seed": params.seed, "replica": self.replica,
                    "tool_format": self.tool_format if req.get("tools") else None}
             if first is not None:
                 yield delta_item(first, token_bytes)

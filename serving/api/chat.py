@@ -110,4 +110,5 @@ class ChatStream(StreamFormat):
         return out + [SSE_DONE]
 
     def fail(self, g, error: dict, usage: dict) -> list[str]:
-        return [sse(error), SSE_DONE]
+        """The usage chunk (when asked for: what was delivered) before the error event."""
+        return self.end(g, usage)[:-1] + [sse(error), SSE_DONE]

@@ -70,4 +70,5 @@ class CompletionStream(StreamFormat):
         return [sse(last), SSE_DONE]
 
     def fail(self, g, error: dict, usage: dict) -> list[str]:
-        return [sse(error), SSE_DONE]
+        """The usage chunk (when asked for: what was delivered) before the error event."""
+        return self.end(g, usage)[:-1] + [sse(error), SSE_DONE]

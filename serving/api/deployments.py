@@ -15,7 +15,8 @@ import time
 
 from serving.api.errors import APIError, not_found_model
 from serving.api.protocol import split_model
-from serving.api.streaming import Batched, cancel_stream
+from serving.api.failover import open_with_failover
+from serving.api.streaming import cancel_stream
 
 log = logging.getLogger("loraplex.gateway")
 STATS_MAX_AGE_S = 60.0  # a replica that has not answered for this long is dropped from the sums
@@ -87,7 +88,28 @@ class Deployments:
         if missing:
             raise APIError(503, f"Not ready: still loading {', '.join(missing)}.", code="not_ready",
                            retry_after=5)
-        return {"status": "ready", "models": self.all_names()}
+        out = {"status": "ready", "models": self.all_names()}
+        replicas = await asyncio.to_thread(self.running_replicas)
+        if replicas:
+            out["replicas"] = replicas
+        return out
+
+    def running_replicas(self) -> dict[str, int]:
+        """Running replicas per model, as Serve's controller counts them ({} outside a Serve application)."""
+        import ray
+
+        if not ray.is_initialized():  # serve.status() would start a Ray instance
+            return {}
+        try:
+            from ray import serve
+
+            from serving.app import APP_NAME, deployment_name
+
+            deps = serve.status().applications[APP_NAME].deployments
+            return {m: int(deps[deployment_name(m)].replica_states.get("RUNNING", 0)) for m in self.llm
+                    if deployment_name(m) in deps}
+        except Exception:  # no Serve controller here (in-process tests): nothing to count
+            return {}
 
     # ---- names ----------------------------------------------------------------------------------
     def learn_names(self, base: str, names) -> None:
@@ -119,27 +141,15 @@ class Deployments:
         return base, adapter
 
     # ---- replica streams ------------------------------------------------------------------------
-    async def open(self, base: str, req: dict):
-        """Start a replica stream and wait for its first item: accepted (go on) or error (raise)."""
-        from ray.serve.exceptions import BackPressureError
+    async def open(self, base: str, req: dict, failovers: list | None = None):
+        """Start a replica stream and wait for its first item: accepted (go on) or error (raise). The stream
+        fails over to another replica when its own is lost (serving.api.failover); `failovers` records it."""
+        handle = self.llm[base]
+        return await open_with_failover(lambda r: handle.options(stream=True).stream.remote(r), base, req,
+                                        failovers)
 
-        gen = Batched(self.llm[base].options(stream=True).stream.remote(req))
-        try:
-            first = await gen.__anext__()
-        except BackPressureError:
-            raise APIError(429, f"The model `{base}` is overloaded; retry later.", code="queue_full",
-                           retry_after=1) from None
-        except StopAsyncIteration:
-            raise APIError(500, "the model deployment ended the stream early", type="server_error") from None
-        except BaseException:
-            cancel_stream(gen)
-            raise
-        if first["kind"] == "error":
-            raise APIError.from_dict(first["error"])
-        return first, gen
-
-    async def open_many(self, base: str, reqs: list[dict]):
-        results = await asyncio.gather(*(self.open(base, r) for r in reqs), return_exceptions=True)
+    async def open_many(self, base: str, reqs: list[dict], failovers: list | None = None):
+        results = await asyncio.gather(*(self.open(base, r, failovers) for r in reqs), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for r in results:

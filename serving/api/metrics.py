@@ -54,6 +54,8 @@ class Metrics:
         self.adapter_tokens = Gauge("loraplex_adapter_engine_tokens", "Tokens the engines computed with the "
                                     "adapter (prompt and generated), summed over replicas", ["model", "adapter"],
                                     registry=r)
+        self.failovers = Counter("loraplex_failovers", "Requests moved to another replica when theirs was lost or "
+                                 "full (when: before_first_token, mid_stream)", ["model", "when"], registry=r)
         self.embedding_tokens = Counter("loraplex_embedding_input_tokens", "Tokens embedded", ["model"],
                                         registry=r)
 

@@ -121,6 +121,7 @@ class Generation:
     rec: RequestRecord | None = None
     guards: governed.OutputGuards | None = None
     headers: dict = field(default_factory=dict)
+    failovers: list = field(default_factory=list)  # replicas lost and replaced (serving.api.failover)
 
     @property
     def model_name(self) -> str:
@@ -157,7 +158,7 @@ class Direct:
 
     async def open(self, g: Generation, reqs: list[dict]) -> None:
         g.opened_at = time.monotonic()
-        opened = await self.deployments.open_many(g.base, reqs)
+        opened = await self.deployments.open_many(g.base, reqs, g.failovers)
         g.accepted, g.gens = [a for a, _ in opened], [s for _, s in opened]
 
 
@@ -180,7 +181,7 @@ class Routed:
 
     async def open(self, g: Generation, reqs: list[dict]) -> None:
         opened_at = [g.t0]
-        g.routed, gen, accepted = await self.routing.open(g.decision, reqs[0], opened_at)
+        g.routed, gen, accepted = await self.routing.open(g.decision, reqs[0], opened_at, g.failovers)
         g.base, g.adapter = accepted["base"], accepted["adapter"]
         g.opened_at, g.accepted, g.gens = opened_at[0], [accepted], [gen]
         g.headers.update(self.routing.response_headers(g.routed))
@@ -246,6 +247,7 @@ class Admission(Stage):
         if g.ticket is None:
             return
         rec = g.rec
+        g.ticket.failovers = g.failovers
         g.ticket.completion_tokens = rec.completion_tokens if rec else 0
         g.ticket.settle(rec.prompt_tokens if rec else 0, rec.completion_tokens if rec else 0, status=status,
                         content=content)
@@ -346,6 +348,8 @@ class Pipeline:
         """Metrics, spend (exact token counts), audit and the router's signals, once per request."""
         if g.rec is not None:
             g.rec.done(status)
+        for f in g.failovers:
+            self.metrics.failovers.labels(model=g.base or g.req.model, when=f["when"]).inc()
         for stage in self.stages:
             stage.settle(g, status, content)
 

@@ -71,7 +71,7 @@ class GatewayRouter:
                            code="model_not_allowed")
         decision.choices = keep
 
-    async def open(self, decision, req: dict, opened_at: list):
+    async def open(self, decision, req: dict, opened_at: list, failovers: list | None = None):
         """Open the best candidate that accepts `req`; falls back on 429/5xx/not-ready before the first token.
         Returns (RoutedStream, its iterator of delta items, the accepted item)."""
         from serving.router import RouterError
@@ -79,7 +79,7 @@ class GatewayRouter:
         async def candidate(cand):
             base, adapter = self.deployments.resolve(cand.model, self.routes)
             opened_at[:] = [time.monotonic()]
-            accepted, gen = await self.deployments.open(base, {**req, "adapter": adapter})
+            accepted, gen = await self.deployments.open(base, {**req, "adapter": adapter}, failovers)
             finished = False
             try:
                 yield {**accepted, "base": base, "adapter": adapter}

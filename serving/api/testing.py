@@ -25,10 +25,15 @@ class _Call:
 
 
 class FakeDeployment:
-    """What serving.api.deployments needs of a Ray Serve handle. `script(req)` gives the texts to stream."""
+    """What serving.api.deployments needs of a Ray Serve handle. `script(req)` gives the texts to stream, one
+    token each. `faults[k]` shapes the k-th call's replica: an int d loses it (Ray's ActorDiedError) after d deltas
+    (-1: before it accepts), "full" makes it refuse with a full queue; later calls are healthy. A request with
+    `resume` continues each choice after the tokens it names, as a model replica does. `stagger`: odd choices
+    end a token earlier."""
 
-    def __init__(self, script, fail_after: int | None = None):
-        self.script, self.fail_after = script, fail_after
+    def __init__(self, script, fail_after: int | None = None, faults: list | None = None, stagger: bool = False):
+        self.script, self.fail_after, self.stagger = script, fail_after, stagger
+        self.faults = list(faults or [])
         self.requests: list[dict] = []
         self.stream = _Call(self._stream)
         self.ready = _Call(self._ready)
@@ -53,15 +58,32 @@ class FakeDeployment:
         return coalesce(self._gen(req))  # lists of items, as serving.app.LLMServer.stream sends them
 
     async def _gen(self, req):
+        from ray.exceptions import ActorDiedError
+
+        call = len(self.requests)
+        fault = self.faults[call - 1] if call <= len(self.faults) else None
         texts = self.script(req)
+        if fault == -1:
+            raise ActorDiedError()
+        if fault == "full":
+            yield {"kind": "error", "replica": f"r{call}", "error": {"status": 429, "message": "queue full",
+                                                                     "type": "rate_limit_error", "code": "queue_full"}}
+            return
         yield {"kind": "accepted", "request_id": req["request_id"], "prompt_tokens": 7, "prompt_text": "P",
-               "system_fingerprint": "fp_fake", "tool_format": Hermes() if req.get("tools") else None}
+               "system_fingerprint": "fp_fake", "tool_format": Hermes() if req.get("tools") else None,
+               "seed": 1234 if req["sampling"].get("seed") is None else req["sampling"]["seed"], "replica": f"r{call}"}
         n = req["sampling"].get("n", 1)
-        for k, piece in enumerate(texts):
+        resume = req.get("resume")
+        choices = sorted(resume) if resume else range(n)
+        lengths = {i: len(texts) - (i % 2 if self.stagger else 0) for i in choices}
+        start = {i: len(resume[i]) if resume else 0 for i in choices}
+        for step, k in enumerate(range(min(start.values()), len(texts))):
             if self.fail_after is not None and k == self.fail_after:
                 raise RuntimeError("replica gone")
-            last = k == len(texts) - 1
-            yield {"kind": "delta", "finished": last, "num_cached_tokens": 0,
-                   "choices": [{"index": i, "text": piece, "num_tokens": 1, "logprobs": None,
-                                "finish_reason": "stop" if last else None} for i in range(n)]}
+            if isinstance(fault, int) and step == fault:
+                raise ActorDiedError()
+            out = [{"index": i, "text": texts[k], "token_ids": [k], "num_tokens": 1, "logprobs": None,
+                    "finish_reason": "stop" if k == lengths[i] - 1 else None}
+                   for i in choices if start[i] <= k < lengths[i]]
+            yield {"kind": "delta", "finished": k == len(texts) - 1, "num_cached_tokens": 0, "choices": out}
             await asyncio.sleep(0)

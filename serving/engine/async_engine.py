@@ -81,9 +81,9 @@ class AsyncEngine:
     def _apply(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, request_id, prompt, params, lora_name = cmd
+            _, request_id, prompt, params, lora_name, resume = cmd
             try:
-                self.engine.add_request(prompt, params, request_id, lora_name)
+                self.engine.add_request(prompt, params, request_id, lora_name, resume)
             except BaseException as exc:  # reported to that request's consumer
                 self._emit(exc, request_id, last=True)
         elif kind == "abort":
@@ -132,15 +132,17 @@ class AsyncEngine:
 
     # ---- the async API --------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutput deltas. Leaving the loop early (break, cancel, disconnect) aborts the request."""
+                       lora_name: str | None = None, resume: dict[int, list[int]] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutput deltas. Leaving the loop early (break, cancel, disconnect) aborts the request.
+        `resume`: see LLMEngine.add_request."""
         request_id = request_id or uuid.uuid4().hex
         if self._stats["num_waiting"] + self._commands.qsize() >= self.config.max_waiting:
             raise EngineOverloadedError(f"model {self.name!r} has {self.config.max_waiting} requests waiting; "
                                         "retry later", retry_after=1.0)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._commands.put(("add", request_id, prompt, params, lora_name))
+        self._commands.put(("add", request_id, prompt, params, lora_name, resume))
         finished = False
         try:
             while True:

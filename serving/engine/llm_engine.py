@@ -44,7 +44,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer]
+    detoks: dict[int, IncrementalDetokenizer]  # by choice index
     pending_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     pending_ids: list[list[int]] = field(default_factory=list)
     reported: set[int] = field(default_factory=set)  # choices whose final output went out
@@ -149,7 +149,11 @@ class LLMEngine:
             self.grammars.compile(params.structured)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    lora_name: str | None = None) -> str:
+                    lora_name: str | None = None, resume: dict[int, list[int]] | None = None) -> str:
+        """Queue a request. `resume` (choice index -> output token ids already delivered) continues a request
+        another replica started: only those choices run, each from its prompt plus its tokens (recomputed as a
+        preempted sequence is, so the prefix cache makes it cheap); stop strings, the grammar and the
+        detokenizer replay them, and seeded sampling continues exactly (the seed is per step: seed_for_step)."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
@@ -158,31 +162,59 @@ class LLMEngine:
         if lora_name and (self.lora is None or not self.lora.known(lora_name)):
             raise AdapterNotFoundError(f"The model '{self.name}:{lora_name}' does not exist: no adapter named "
                                        f"{lora_name!r} is loaded")
-        seqs, detoks = [], []
-        for i in range(params.n):
+        if resume is not None:
+            self._check_resume(resume, params, len(prompt_ids))
+        seqs, detoks = [], {}
+        base_seed = None if params.greedy else (params.seed if params.seed is not None else torch.seed() % 2**62)
+        for i in range(params.n) if resume is None else sorted(resume):
             gen = None
-            if not params.greedy:
+            if base_seed is not None:
                 gen = torch.Generator(device=self.device)
-                gen.manual_seed((params.seed if params.seed is not None else torch.seed() % 2**62) + i)
             matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
             seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), len(prompt_ids), params,
-                           lora_name=lora_name, generator=gen, matcher=matcher)
+                           lora_name=lora_name, generator=gen, matcher=matcher,
+                           seed=None if base_seed is None else base_seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output)
+            if resume is not None:
+                self._replay(seq, detok, resume[i])
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
-                                                 params.stop, params.include_stop_str_in_output))
+            detoks[i] = detok
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt_ids, params, seqs, detoks,
-                                             [[] for _ in seqs], [[] for _ in seqs],
+                                             [[] for _ in range(params.n)], [[] for _ in range(params.n)],
                                              metrics={"arrival": time.monotonic()})
         self.total_prompt_tokens += len(prompt_ids)
         return request_id
+
+    def _check_resume(self, resume: dict[int, list[int]], params: SamplingParams, num_prompt: int) -> None:
+        vocab = self.hf_config.vocab_size
+        for i, ids in resume.items():
+            if not isinstance(i, int) or not 0 <= i < params.n:
+                raise InvalidRequestError(f"resume names choice {i!r}; the request has n={params.n}",
+                                          param="resume")
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError("resume holds token ids outside the vocabulary", param="resume")
+            if (params.max_tokens is not None and len(ids) >= params.max_tokens) \
+                    or num_prompt + len(ids) >= self.max_model_len:
+                raise InvalidRequestError(f"choice {i} already reached its length; nothing to resume",
+                                          param="resume")
+
+    def _replay(self, seq: Sequence, detok: IncrementalDetokenizer, ids: list[int]) -> None:
+        """Bring a resumed choice to where its first replica stopped; the text of those tokens was delivered."""
+        for t in ids:
+            if seq.matcher is not None and not seq.matcher.accept_token(t):
+                raise InvalidRequestError("resume tokens do not fit the request's grammar", param="resume")
+            seq.token_ids.append(t)
+            detok.add(t)
+        detok.flush_text(final=False)  # the same text the first replica had sent: not sent again
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         outs = []
-        for seq, detok in zip(req.seqs, req.detoks):
+        for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
@@ -325,7 +357,8 @@ class LLMEngine:
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outs = []
-        for seq, detok in zip(req.seqs, req.detoks):
+        for seq in req.seqs:
+            detok = req.detoks[seq.index]
             if seq.index in req.reported:
                 continue
             new_ids = req.pending_ids[seq.index]

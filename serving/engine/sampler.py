@@ -49,6 +49,16 @@ def _truncate(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs
 
 
+def seed_for_step(seed: int, position: int) -> int:
+    """The generator seed of the token at output `position` (splitmix64 of seed and position). Deriving it per
+    step rather than carrying one generator's state means a request resumed on another replica, or recomputed
+    after preemption, draws exactly the numbers the uninterrupted run would have."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
     """Returns the next token per row and the raw log-probabilities [rows, vocab] (float32), or None when no
     row asked for logprobs (the full-vocabulary log-softmax is then skipped)."""
@@ -69,5 +79,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
         probs = torch.softmax(work[rows] / temps[:, None], dim=-1)
         probs = _truncate(probs, sub)
         for j, i in enumerate(sampled_rows):
-            tokens[i] = int(torch.multinomial(probs[j], 1, generator=seqs[i].generator).item())
+            seq = seqs[i]
+            if seq.generator is not None and seq.seed is not None:
+                seq.generator.manual_seed(seed_for_step(seq.seed, seq.num_output_tokens))
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=seq.generator).item())
     return tokens, logprobs

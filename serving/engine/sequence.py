@@ -34,7 +34,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of this sequence's full blocks
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # of a sampled sequence; reseeded every step (sampler.seed_for_step)
+    seed: int | None = None  # this choice's seed (the request's seed + its index) when sampled
     matcher: object | None = None  # xgrammar GrammarMatcher of a structured-output request (grammar.py)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None

@@ -82,6 +82,7 @@ class Ticket:
         self.request_id = request_id
         self.completion_tokens = 0  # the gateway may count as it streams; used if the client goes away
         self.constraint: dict | None = None  # a constrained request's kind, schema hash, tool names (never content)
+        self.failovers: list = []  # replicas lost and replaced during the request (serving.api.failover)
         self.settled: dict[str, Any] | None = None
         self._guards: list[StreamGuard] = []
         self._start = time.perf_counter()
@@ -150,6 +151,8 @@ class Ticket:
                         "guardrails": self.guardrails, "model_latency_ms": round(latency * 1000, 3)}
         if self.constraint is not None:
             self.settled["constrained"] = self.constraint
+        if self.failovers:  # replicas lost mid-request and replaced (serving.api.failover): charged once
+            self.settled["failovers"] = list(self.failovers)
         if content is not None and gov.config.audit.log_content:
             self.settled["content"] = content
         if self.ctx is None:  # no middleware around this request: write the audit entry here

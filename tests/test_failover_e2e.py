@@ -1,0 +1,151 @@
+"""Chaos on real Ray Serve with the default model: a model replica's process is killed while 24 streams run.
+
+Two replicas, 24 concurrent streamed chats (greedy, fixed prompts). A SIGKILL of one replica's process, once
+mid-generation and once right after the requests arrive (prefill), loses no request: every stream completes
+with the text and usage of the no-fault run, the audit log marks the failovers, and each request is charged
+once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve_helpers import MODEL, Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+CONFIG = f"""
+models:
+  - name: {MODEL}
+    num_replicas: 2
+    max_num_seqs: 16
+    kv_cache_memory: 128MiB
+    max_model_len: 1024
+embeddings: {{enabled: false}}
+rag: {{enabled: false}}
+governance: {{enabled: true}}
+"""
+TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks", "salt", "kites", "moss", "bells",
+          "ink", "wool", "ferns", "lamps", "caves", "rope", "figs", "snow", "tea", "coins", "wheels", "sails"]
+MAX_TOKENS = 40
+
+
+def replica_pids(home: Path) -> list[int]:
+    """PIDs of this server's model replicas (Ray names the process after the actor; its env has our home)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            if b"ServeReplica:loraplex:llm-" not in cmd:
+                continue
+            if f"LORAPLEX_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def wait_for_replicas(server: Server, n: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(server.base + "/ready", timeout=10)
+        if r.status_code == 200 and r.json().get("replicas", {}).get(MODEL) == n \
+                and len(replica_pids(server.home)) == n:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{n} replicas not running after {timeout}s: {server.tail()}")
+
+
+async def one_stream(client: httpx.AsyncClient, topic: str, progress: list) -> dict:
+    body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": MAX_TOKENS,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": f"Write three sentences about {topic}."}]}
+    text, usage, reason, errors = [], None, None, []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                errors.append(event["error"])
+                continue
+            usage = event.get("usage") or usage
+            for c in event["choices"]:
+                text.append(c["delta"].get("content") or "")
+                reason = c["finish_reason"] or reason
+                progress.append(1)
+    return {"text": "".join(text), "usage": usage, "finish_reason": reason, "errors": errors}
+
+
+def run_streams(server: Server, kill_when=None) -> tuple[list[dict], list[int]]:
+    """24 concurrent streams; `kill_when(chunks received)` true -> SIGKILL one replica (once)."""
+    killed: list[int] = []
+
+    async def go():
+        progress: list = []
+        async with httpx.AsyncClient(base_url=server.base, timeout=300) as client:
+            tasks = [asyncio.ensure_future(one_stream(client, t, progress)) for t in TOPICS]
+            while kill_when is not None and not killed and not all(t.done() for t in tasks):
+                if kill_when(len(progress)):
+                    pid = random.choice(replica_pids(server.home))
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*tasks)
+
+    return asyncio.run(go()), killed
+
+
+def audit_entries(home: Path) -> list[dict]:
+    return [json.loads(line) for p in home.rglob("audit*.jsonl") for line in p.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("failover"), CONFIG).start()
+    try:
+        wait_for_replicas(s, 2)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline(server):
+    results, _ = run_streams(server)
+    assert all(r["finish_reason"] and not r["errors"] for r in results)
+    return results
+
+
+@pytest.mark.parametrize("moment", ["mid_generation", "prefill"])
+def test_killing_a_replica_loses_no_request(server, baseline, moment):
+    wait_for_replicas(server, 2)
+    before = len([a for a in audit_entries(server.home) if a.get("event") == "request"])
+    at = (lambda n: n >= len(TOPICS) * 8) if moment == "mid_generation" else (lambda n: True)
+    results, killed = run_streams(server, kill_when=at)
+    assert killed, "the replica was not killed"
+    for got, want in zip(results, baseline):
+        assert not got["errors"], got["errors"]
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+        assert got["usage"] == want["usage"]  # usage counts what was delivered, once
+    entries = [a for a in audit_entries(server.home) if a.get("event") == "request"][before:]
+    assert len(entries) == len(TOPICS) and all(e["status"] == 200 for e in entries)  # each request once
+    moved = [e for e in entries if e.get("failovers")]
+    assert moved, "no request was moved off the killed replica"
+    when = {f["when"] for e in moved for f in e["failovers"]}
+    assert when <= {"mid_stream", "before_first_token"}
+    if moment == "mid_generation":
+        assert "mid_stream" in when and any(f.get("after_tokens", 0) > 0 for e in moved for f in e["failovers"])
+    assert sum(e["completion_tokens"] for e in entries) == sum(r["usage"]["completion_tokens"] for r in baseline)
