@@ -44,6 +44,7 @@ def build_router(core) -> APIRouter:
     @router.post("/v1/adapters")
     async def add_adapter(request: Request):
         from serving.adapters import record
+        from serving.api.failover import replica_lost
 
         try:
             body = await request.json()
@@ -65,12 +66,22 @@ def build_router(core) -> APIRouter:
         if deps.canonical(name) is not None or (name in deps.adapter_bases and deps.adapter_bases[name] != base):
             raise APIError(409, f"the name {name!r} is already in use", param="name", code="adapter_exists")
         deps.check_ready(base)
-        result = await deps.llm[base].add_adapter.remote(name, source, force)
-        if not result["ok"]:
-            raise APIError.from_dict(result["error"])
+        # every running replica loads it before the answer (so no request for it 404s on another replica);
+        # the registry then gives it to replicas that start later (restarts, autoscaling)
+        results = await deps.broadcast(base, "add_adapter", name, source, force)
+        loaded = [r for r in results if isinstance(r, dict) and (r["ok"] or _exists(r))]
+        if not results or len(loaded) < len(results):
+            await deps.broadcast(base, "remove_adapter", name)  # all or nothing
+            bad = next((r for r in results if r not in loaded), None)
+            if isinstance(bad, dict):
+                raise APIError.from_dict(bad["error"])
+            why = (replica_lost(bad) or str(bad)) if bad is not None else "no replica answered"
+            raise APIError(503, f"not every replica of `{base}` could load the adapter ({why}); "
+                                "nothing was loaded", type="server_error", code="adapter_not_loaded", retry_after=5)
         record(base, name, source, force)
         deps.adapter_bases[name] = base
-        return result["adapter"]
+        cards = [r["adapter"] for r in loaded if r["ok"]] or await deps.llm[base].adapters.remote()
+        return next(c for c in cards if c["name"] == name)
 
     @router.get("/v1/adapters")
     async def list_adapters():
@@ -96,11 +107,17 @@ def build_router(core) -> APIRouter:
         base = base or deps.adapter_bases.get(adapter)
         if base not in deps.llm:
             raise APIError(404, f"no adapter named {name!r}", param="name", code="adapter_not_found")
-        result = await deps.llm[base].remove_adapter.remote(adapter)
-        if not result["ok"]:
-            raise APIError.from_dict(result["error"])
+        results = [r for r in await deps.broadcast(base, "remove_adapter", adapter) if isinstance(r, dict)]
+        if not any(r["ok"] for r in results):
+            raise APIError.from_dict(results[0]["error"]) if results else APIError(
+                503, f"no replica of `{base}` answered", type="server_error", retry_after=5)
         record(base, adapter, None)
         deps.adapter_bases.pop(adapter, None)
         return {"id": f"{base}:{adapter}", "object": "adapter", "deleted": True}
 
     return router
+
+
+def _exists(result: dict) -> bool:
+    """A replica that already holds the adapter (it loaded it from the registry on demand) counts as loaded."""
+    return not result["ok"] and result["error"].get("code") == "adapter_exists"

@@ -19,7 +19,6 @@ from serving.api.failover import open_with_failover
 from serving.api.streaming import cancel_stream
 
 log = logging.getLogger("loraplex.gateway")
-STATS_MAX_AGE_S = 60.0  # a replica that has not answered for this long is dropped from the sums
 STATS_INTERVAL_S = 1.0  # the poll's period while a router reads the stats
 
 
@@ -160,22 +159,30 @@ class Deployments:
 
     # ---- engine stats ---------------------------------------------------------------------------
     async def refresh_stats(self) -> None:
-        """Read engine stats from the model deployments (the last answer of each replica is kept)."""
+        """Read engine stats from every running replica of each loaded model (one broadcast per model)."""
         async def one(name):
-            try:
-                s = await asyncio.wait_for(_await(self.llm[name].stats.remote()), timeout=2.0)
-            except Exception:
-                return
-            s = dict(s)
-            s.setdefault("max_num_seqs", self.config.model(name).max_num_seqs)  # slots per replica
-            self.stats[name][s.get("replica", "?")] = s
+            results = await self.broadcast(name, "stats", timeout_s=2.0)
+            per = {}
+            for s in results:
+                if isinstance(s, BaseException):
+                    continue
+                s = dict(s)
+                s.setdefault("max_num_seqs", self.config.model(name).max_num_seqs)  # slots per replica
+                per[s.get("replica", "?")] = s
+            if per or not results:
+                self.stats[name] = per
 
-        # Serve has no broadcast: ask as many times as the deployment may have replicas, keep one per replica.
-        await asyncio.gather(*(one(n) for n in self.llm if n in self.ready for _ in range(self._max_replicas(n))))
-        now = time.time()
-        for per in self.stats.values():
-            for rid in [r for r, s in per.items() if now - s.get("time", now) > STATS_MAX_AGE_S]:
-                del per[rid]
+        await asyncio.gather(*(one(n) for n in self.llm if n in self.ready))
+
+    async def broadcast(self, base: str, method: str, *args, timeout_s: float = 60.0) -> list:
+        """`method(*args)` on every running replica of `base` (Serve's handle.broadcast); a replica's exception
+        is its result, and a timeout gives []."""
+        try:
+            resp = self.llm[base].broadcast(method, *args)
+            return list(await resp.results_async(timeout_s=timeout_s, return_exceptions=True))
+        except (TimeoutError, asyncio.TimeoutError):
+            log.warning("%s.%s did not answer from every replica in %.0fs", base, method, timeout_s)
+            return []
 
     async def poll_stats(self, on_stats) -> None:
         """Refresh the stats every STATS_INTERVAL_S and hand each model's replicas to `on_stats(name, list)`."""
@@ -185,11 +192,6 @@ class Deployments:
                 if per:
                     on_stats(name, list(per.values()))
             await asyncio.sleep(STATS_INTERVAL_S)
-
-    def _max_replicas(self, name: str) -> int:
-        spec = self.config.model(name)
-        n = spec.autoscaling.max_replicas if spec.autoscaling else spec.num_replicas
-        return 1 if n == 1 else min(n * 2, 16)
 
     # ---- listings -------------------------------------------------------------------------------
     async def model_cards(self) -> list[dict]:
@@ -211,7 +213,3 @@ class Deployments:
                           "root": self.embed_name, "parent": None, "type": "embedding",
                           "dim": (self.embed_info or {}).get("dim")})
         return cards
-
-
-async def _await(resp):
-    return await resp

@@ -43,6 +43,16 @@ class FakeDeployment:
     def options(self, **_):
         return self
 
+    def broadcast(self, method: str, *args):
+        """Serve's handle.broadcast: this fake is one replica."""
+        call = getattr(self, method)
+
+        class _Results:
+            async def results_async(self, timeout_s=None, return_exceptions=False):
+                return [await call.remote(*args)]
+
+        return _Results()
+
     async def _ready(self):
         return {"model": MODEL, "max_model_len": 512, "replica": "r1", "hf_id": "acme/fake", "aliases": []}
 

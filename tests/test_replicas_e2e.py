@@ -1,9 +1,9 @@
-"""Chaos on real Ray Serve with the default model: a model replica's process is killed while 24 streams run.
+"""Two replicas of the default model on real Ray Serve: chaos, and adapters on every replica.
 
-Two replicas, 24 concurrent streamed chats (greedy, fixed prompts). A SIGKILL of one replica's process, once
-mid-generation and once right after the requests arrive (prefill), loses no request: every stream completes
-with the text and usage of the no-fault run, the audit log marks the failovers, and each request is charged
-once.
+24 concurrent streamed chats (greedy, fixed prompts). A SIGKILL of one replica's process, once mid-generation and
+once right after the requests arrive (prefill), loses no request: every stream completes with the text and usage
+of the no-fault run, the audit log marks the failovers, and each request is charged once. An adapter loaded or
+unloaded through the API is on (or off) every replica by the time the call returns.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import make_lora_adapter
 from tests.serve_helpers import MODEL, Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -151,3 +152,27 @@ def test_killing_a_replica_loses_no_request(server, baseline, moment):
     if moment == "mid_generation":
         assert "mid_stream" in when and any(f.get("after_tokens", 0) > 0 for e in moved for f in e["failovers"])
     assert sum(e["completion_tokens"] for e in entries) == sum(r["usage"]["completion_tokens"] for r in baseline)
+
+
+def test_an_adapter_reaches_every_replica_before_the_call_returns(server, default_model_path):
+    folder = make_lora_adapter(default_model_path, server.home / "adapters" / "terse", 4, seed=3, std=0.05,
+                               targets=["q_proj", "v_proj"])
+    wait_for_replicas(server, 2)
+
+    def burst(model: str) -> list[int]:
+        async def go():
+            async with httpx.AsyncClient(base_url=server.base, timeout=120) as c:
+                rs = await asyncio.gather(*(c.post("/v1/completions", json={
+                    "model": model, "prompt": f"Count to {i}:", "max_tokens": 2}) for i in range(16)))
+                return [r.status_code for r in rs]
+        return asyncio.run(go())
+
+    r = httpx.post(server.base + "/v1/adapters", json={"name": "terse", "source": str(folder)}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert burst(f"{MODEL}:terse") == [200] * 16  # whichever replica takes it holds the adapter
+    stats = httpx.get(server.base + "/metrics", timeout=30).text
+    held = [line for line in stats.splitlines() if line.startswith("loraplex_adapter_resident_replicas")
+            and 'adapter="terse"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in held) == 2, held  # on both replicas
+    assert httpx.delete(server.base + f"/v1/adapters/{MODEL}:terse", timeout=60).status_code == 200
+    assert burst(f"{MODEL}:terse") == [404] * 16  # off every replica
