@@ -29,6 +29,16 @@ def _replica_id() -> str:
         return "local"
 
 
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (which machine answered, in per-replica stats)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        return None
+
+
 def _replica_cpus() -> int:
     """The CPUs this process may run on. Ray sets OMP_NUM_THREADS=1 in every actor (num_cpus 1 by default), so a
     replica's torch would otherwise decode on one core while the machine has more."""
@@ -79,7 +89,7 @@ class LLMServer:
 
     async def stats(self) -> dict:
         s = self.backend.stats()
-        s["replica"] = self.replica
+        s["replica"], s["node"] = self.replica, _node_id()
         return s
 
     def record_routing_stats(self) -> dict:
@@ -267,6 +277,14 @@ def build_app(config: ServeConfig):
         name="gateway", num_replicas=s.num_replicas, ray_actor_options=s.ray_actor_options.to_ray(),
         max_ongoing_requests=4096,
     ).bind(_with_data_paths(config), llm, embed, rag)
+
+
+def from_args(args: dict):
+    """Ray Serve's application builder, for `serve run serving.app:from_args config=...` and a KubeRay RayService
+    (deploy/rayservice.yaml): args {"config": path to a serve.yaml}; errors name the key, as `loraplex serve`'s."""
+    from serving.config import load_config
+
+    return build_app(load_config(args.get("config")))
 
 
 def _with_data_paths(config: ServeConfig) -> dict:

@@ -99,7 +99,7 @@ def cmd_serve(args) -> int:
         http = {"host": cfg.server.host, "port": cfg.server.port}
         if cfg.server.request_timeout_s:
             http["request_timeout_s"] = cfg.server.request_timeout_s
-        serve.start(http_options=http)
+        serve.start(http_options=http, proxy_location=cfg.server.proxy_location)
         print(f"loraplex: deploying {', '.join(m.name for m in cfg.models)} ...", flush=True)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         print(f"loraplex: serving http://{cfg.server.host}:{cfg.server.port}/v1 (Ctrl-C to stop)", flush=True)

@@ -54,6 +54,7 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(16, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="the window of load Serve averages over")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -204,6 +205,9 @@ class ServerSpec(_Strict):
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0))
     num_replicas: int = Field(1, ge=1)
     request_timeout_s: float | None = Field(None, gt=0)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs its HTTP proxy: EveryNode (Ray's default: one per node, behind a "
+                                 "load balancer) or HeadOnly (several nodes on one machine would share the port)")
 
 
 class RagSpec(_Strict):

@@ -69,6 +69,8 @@ def build_router(core) -> APIRouter:
         # every running replica loads it before the answer (so no request for it 404s on another replica);
         # the registry then gives it to replicas that start later (restarts, autoscaling)
         results = await deps.broadcast(base, "add_adapter", name, source, force)
+        if results and all(isinstance(r, dict) and _exists(r) for r in results):
+            raise APIError.from_dict(results[0]["error"])  # loaded everywhere already: the name is in use
         loaded = [r for r in results if isinstance(r, dict) and (r["ok"] or _exists(r))]
         if not results or len(loaded) < len(results):
             await deps.broadcast(base, "remove_adapter", name)  # all or nothing
@@ -100,7 +102,7 @@ def build_router(core) -> APIRouter:
 
     @router.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):
-        from serving.adapters import record
+        from serving.adapters import read_registry, record
 
         base, _, adapter = name.rpartition(":")
         adapter = adapter or name
@@ -108,7 +110,8 @@ def build_router(core) -> APIRouter:
         if base not in deps.llm:
             raise APIError(404, f"no adapter named {name!r}", param="name", code="adapter_not_found")
         results = [r for r in await deps.broadcast(base, "remove_adapter", adapter) if isinstance(r, dict)]
-        if not any(r["ok"] for r in results):
+        stale = adapter in read_registry().get(base, {})  # recorded, but no replica could load it (files gone)
+        if not any(r["ok"] for r in results) and not stale:
             raise APIError.from_dict(results[0]["error"]) if results else APIError(
                 503, f"no replica of `{base}` answered", type="server_error", retry_after=5)
         record(base, adapter, None)
@@ -119,5 +122,5 @@ def build_router(core) -> APIRouter:
 
 
 def _exists(result: dict) -> bool:
-    """A replica that already holds the adapter (it loaded it from the registry on demand) counts as loaded."""
+    """A replica that already holds the adapter (it loaded it from the registry on demand): loaded there."""
     return not result["ok"] and result["error"].get("code") == "adapter_exists"

@@ -1,0 +1,70 @@
+"""Autoscaling on real Ray Serve (`autoscaling:`): load grows the model deployment to max_replicas, idleness shrinks
+it to min_replicas, and requests running while a replica is drained all complete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.serve_helpers import MODEL, Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+CONFIG = f"""
+models:
+  - name: {MODEL}
+    autoscaling: {{min_replicas: 1, max_replicas: 2, target_ongoing_requests: 2, upscale_delay_s: 0,
+                  downscale_delay_s: 4, look_back_period_s: 2}}
+    num_threads: 1
+    max_num_seqs: 16
+    kv_cache_memory: 128MiB
+    max_model_len: 1024
+embeddings: {{enabled: false}}
+rag: {{enabled: false}}
+fine_tuning: {{enabled: false}}
+governance: {{enabled: false}}
+"""
+
+
+def running(server: Server) -> int:
+    r = httpx.get(server.base + "/ready", timeout=10)
+    return r.json().get("replicas", {}).get(MODEL, 0) if r.status_code == 200 else 0
+
+
+def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
+    server = Server(tmp_path, CONFIG).start()
+    seen: list[tuple[float, int]] = []
+
+    async def load(seconds: float, concurrency: int) -> list[int]:
+        statuses: list[int] = []
+        end = time.monotonic() + seconds
+
+        async def user(c, i):
+            while time.monotonic() < end:
+                r = await c.post("/v1/completions", json={"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 48,
+                                                          "temperature": 0, "ignore_eos": True})
+                statuses.append(r.status_code)
+
+        async def watch():
+            while time.monotonic() < end:
+                seen.append((time.monotonic(), await asyncio.to_thread(running, server)))
+                await asyncio.sleep(1)
+
+        async with httpx.AsyncClient(base_url=server.base, timeout=300) as c:
+            await asyncio.gather(watch(), *(user(c, i) for i in range(concurrency)))
+        return statuses
+
+    try:
+        assert running(server) == 1
+        busy = asyncio.run(load(60, 12))
+        assert max(n for _, n in seen) == 2, seen  # grew to max_replicas under load
+        assert set(busy) == {200}
+        seen.clear()
+        # light load (one user): the deployment shrinks to min_replicas while that user's requests keep completing
+        light = asyncio.run(load(40, 1))
+        assert seen[-1][1] == 1 and set(light) == {200}, (seen, light)
+    finally:
+        server.stop()

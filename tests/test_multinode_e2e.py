@@ -1,0 +1,126 @@
+"""A real two-node Ray cluster on one machine: `ray start --head` and `ray start --address` (separate raylets),
+`loraplex serve --address` on it, one model replica per node (a custom resource each node has one of).
+
+Replicas on both nodes serve; killing the worker node's raylet mid-generation fails its streams over to the head
+node's replica, and every stream still ends with the no-fault text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.router.sim import free_port
+from tests.serve_helpers import MODEL, Server
+from tests.test_replicas_e2e import run_streams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+RAY = str(Path(sys.executable).with_name("ray"))
+CONFIG = f"""
+server:
+  proxy_location: HeadOnly         # both nodes are on this machine: one proxy, one port
+  ray_actor_options: {{num_cpus: 0, resources: {{head_node: 0.01}}}}
+models:
+  - name: {MODEL}
+    num_replicas: 2
+    num_threads: 1
+    max_num_seqs: 16
+    kv_cache_memory: 128MiB
+    max_model_len: 1024
+    ray_actor_options: {{num_cpus: 0, resources: {{replica_slot: 1}}}}   # one per node
+embeddings: {{enabled: false}}
+rag: {{enabled: false}}
+fine_tuning: {{enabled: false}}
+governance: {{enabled: false}}
+"""
+# Run in a child process, so this test process never becomes a Ray driver: which replica runs on which node, and
+# the prompt tokens each has computed (Serve's handle.broadcast of the replicas' stats).
+INSPECT = """
+import json, sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="error", log_to_driver=False)
+stats = serve.get_deployment_handle("llm-" + sys.argv[2], app_name="loraplex").broadcast("stats").results(timeout_s=60)
+nodes = {n["NodeID"]: ("head" if "head_node" in n["Resources"] else "worker") for n in ray.nodes() if n["Alive"]}
+print(json.dumps({s["replica"]: {"node": nodes.get(s["node"], "?"), "prompt_tokens": s["prompt_tokens_total"]}
+                  for s in stats}))
+"""
+
+
+def replicas(address: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", INSPECT, address, MODEL], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def raylet_pids(manager_port: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "comm").read_text().strip() == "raylet" \
+                    and f"--node_manager_port={manager_port}".encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode")
+    port, worker_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}  # a test cluster: no token to share
+    common = ["--num-cpus", "2", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                    "--resources", json.dumps({"replica_slot": 1, "head_node": 1}), *common],
+                   check=True, capture_output=True, env=env, timeout=180)
+    server = None
+    try:
+        subprocess.run([RAY, "start", "--address", address, "--node-manager-port", str(worker_port),
+                        "--resources", json.dumps({"replica_slot": 1, "worker_node": 1}), *common],
+                       check=True, capture_output=True, env=env, timeout=180)
+        server = Server(tmp, CONFIG)
+        server.env["RAY_ADDRESS"] = address  # `loraplex serve` joins the cluster ($RAY_ADDRESS or --address)
+        server.start(timeout=600)
+        yield server, address, worker_port
+    finally:
+        if server is not None:
+            server.stop()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_replicas_on_both_nodes_serve_and_the_worker_node_fails_over(cluster):
+    server, address, worker_port = cluster
+    placed = replicas(address)
+    assert sorted(r["node"] for r in placed.values()) == ["head", "worker"], placed
+    baseline, _ = run_streams(server)
+    assert all(r["finish_reason"] and not r["errors"] for r in baseline)
+    served = replicas(address)
+    assert all(r["prompt_tokens"] > 0 for r in served.values()), served  # a request reached each node's replica
+
+    pids = raylet_pids(worker_port)
+    assert len(pids) == 1, pids
+    killed = []
+
+    def kill_worker(chunks: int) -> bool:
+        if chunks >= 24 * 8 and not killed:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(time.time())
+        return False  # run_streams kills a replica when this says so; here the node went down instead
+
+    results, _ = run_streams(server, kill_when=kill_worker)
+    assert killed, "the worker node was not killed"
+    for got, want in zip(results, baseline):
+        assert not got["errors"], got["errors"]
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+    after = replicas(address)
+    assert [r["node"] for r in after.values()] == ["head"], after
