@@ -59,12 +59,12 @@ def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
 
     try:
         assert running(server) == 1
-        busy = asyncio.run(load(60, 12))
+        busy = asyncio.run(load(40, 12))
         assert max(n for _, n in seen) == 2, seen  # grew to max_replicas under load
         assert set(busy) == {200}
         seen.clear()
         # light load (one user): the deployment shrinks to min_replicas while that user's requests keep completing
-        light = asyncio.run(load(40, 1))
+        light = asyncio.run(load(30, 1))
         assert seen[-1][1] == 1 and set(light) == {200}, (seen, light)
     finally:
         server.stop()
