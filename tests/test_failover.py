@@ -24,7 +24,8 @@ def chat_stream(client, **body):
 def streamed_text(text: str) -> tuple[str, dict, list]:
     events = sse_events(text)
     content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
-    reasons = [e["choices"][0]["finish_reason"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]
+    choices = [e["choices"][0] for e in events if e.get("choices")]
+    reasons = [c["finish_reason"] for c in choices if c["finish_reason"]]
     return content, events[-1].get("usage"), reasons
 
 
