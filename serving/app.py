@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 
 from ray import serve
 
@@ -95,7 +94,7 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         """What serving.replica_choice reads of this replica (Serve polls it every ROUTING_STATS_PERIOD_S)."""
         s = self.backend.engine.stats()
-        return {"queue": s.get("num_running", 0) + s.get("num_waiting", 0), "time": time.time(),
+        return {"queue": s.get("num_running", 0) + s.get("num_waiting", 0),
                 "adapters": [a["name"] for a in s.get("adapters", ()) if a.get("state") == "gpu"]}
 
     async def stream(self, req: dict):

@@ -8,9 +8,10 @@ first: replicas holding the request's adapter in a device slot are preferred whi
 The prefix map is an approximate radix tree, as SGLang's cache-aware router keeps: the prompt (adapter, tools and
 messages as text) is cut into PREFIX_CHUNK_CHARS-character chunks and each chained chunk hash remembers the
 replica it went to (LRU, MAX_ENTRIES). A request costs one hash and dict lookup per chunk: no replica is scanned
-or asked. Replicas report their queue and resident adapters through Serve's routing stats (LLMServer
-.record_routing_stats, every ROUTING_STATS_PERIOD_S), and this router's own count of requests it sent fills the gap
-between reports. A request may name replicas to `avoid` (the ones serving.api.failover just lost).
+or asked. A replica's load is Serve's own queue-length cache (probed, and counted up on every send), else the
+queue it last reported through Serve's routing stats (LLMServer.record_routing_stats, every
+ROUTING_STATS_PERIOD_S), which also carry its resident adapters. A request may name replicas to `avoid` (the ones
+serving.api.failover just lost).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def rank(ids: list[str], load, policy: str, affinity: str | None, adapter_on=Non
             return rank(holders, load, policy, affinity if affinity in holders else None) + \
                 rank(rest, load, "pow2", None)
     if policy == "prefix" and affinity in ids and not clearly_busier(load(affinity), least):
-        return [[affinity], [r for r in _two(ids, exclude=affinity)]]
+        return [[affinity], _two(ids, exclude=affinity)]
     return [_two(ids)]  # Serve probes both and takes the shorter live queue
 
 
@@ -115,23 +116,16 @@ class ReplicaChoice(FIFOMixin, RequestRouter):
             raise ValueError(f"replica_choice must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.policy = policy
         self.prefixes = PrefixMap()
-        self.sent: dict[str, int] = {}  # requests this router sent per replica since its last stats report
-        self.seen_report: dict[str, float] = {}
 
     def _load(self, replica) -> float:
-        rid = replica.replica_id.unique_id
         cached = self.replica_queue_len_cache.get(replica.replica_id)
-        if cached is not None:
-            return float(cached)
-        stats = replica.routing_stats or {}
-        return float(stats.get("queue", 0)) + self.sent.get(rid, 0)
+        return float(cached if cached is not None else (replica.routing_stats or {}).get("queue", 0))
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         req = _request_of(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         avoid = set((req or {}).get("avoid") or ())
         ids = [i for i in by_id if i not in avoid] or list(by_id)
-        self._refresh(candidate_replicas)
         affinity, adapter_on = None, None
         if req is not None:
             if self.policy == "prefix":
@@ -143,25 +137,13 @@ class ReplicaChoice(FIFOMixin, RequestRouter):
         return [[by_id[r] for r in group] for group in ranks]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        rid = replica_id.unique_id
-        self.sent[rid] = self.sent.get(rid, 0) + 1
         req = _request_of(pending_request)
         if req is not None and self.policy == "prefix":
-            self.prefixes.record(chunk_hashes(prompt_text(req)), rid)
+            self.prefixes.record(chunk_hashes(prompt_text(req)), replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         self.prefixes.forget(replica_id.unique_id)
-        self.sent.pop(replica_id.unique_id, None)
-
-    def _refresh(self, replicas) -> None:
-        """A new stats report from a replica replaces this router's own count of what it sent there."""
-        for r in replicas:
-            t = (r.routing_stats or {}).get("time")
-            rid = r.replica_id.unique_id
-            if t is not None and self.seen_report.get(rid) != t:
-                self.seen_report[rid] = t
-                self.sent[rid] = 0
 
 
 def _request_of(pending_request) -> dict | None:

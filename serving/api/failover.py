@@ -48,9 +48,16 @@ class ReplicaUnavailable(APIError):
 
 
 async def open_with_failover(start, base: str, req: dict, failovers: list | None = None):
-    """(accepted item, stream) from `start(req)`, asking another replica when one is lost or has a full queue
-    before it accepts. `start(req)` returns the raw replica stream; `failovers` collects what happened."""
+    """(accepted item, FailoverStream) from `start(req)`, which returns a raw replica stream; `failovers`
+    collects what happened to the request."""
     failovers = failovers if failovers is not None else []
+    first, gen = await _accepted(start, base, req, failovers)
+    return first, FailoverStream(start, base, req, first, gen, failovers)
+
+
+async def _accepted(start, base: str, req: dict, failovers: list):
+    """(accepted item, replica stream), asking another replica when one is lost or has a full queue before it
+    accepts."""
     avoid: list[str] = list(req.get("avoid") or [])
     deadline = time.monotonic() + FAILOVER_WAIT_S
     while True:
@@ -67,7 +74,7 @@ async def open_with_failover(start, base: str, req: dict, failovers: list | None
                         r.cause)
             await asyncio.sleep(min(RETRY_DELAY_S * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
             continue
-        return first, FailoverStream(start, base, req, first, gen, failovers)
+        return first, gen
 
 
 class _Retry(Exception):
@@ -131,9 +138,7 @@ class FailoverStream:
                 raise StopAsyncIteration
             try:
                 item = await self.gen.__anext__()
-            except StopAsyncIteration:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # StopAsyncIteration too: replica_lost() is None for it, so it ends the loop
                 cause = replica_lost(exc)
                 if cause is None:
                     raise
@@ -162,12 +167,10 @@ class FailoverStream:
         resume = {**self.req, "sampling": sampling, "avoid": [r for r in [self.replica] if r],
                   "resume": {i: list(t) for i, t in self.outputs.items() if i not in self.done}}
         try:
-            accepted, stream = await open_with_failover(self.start, self.base, resume, self.failovers)
-        except APIError as err:
-            if isinstance(err, ReplicaUnavailable):
-                raise ReplicaUnavailable(self.base, cause, delivered) from None
-            raise
-        self.gen, self.replica = stream.gen, accepted.get("replica")
+            accepted, self.gen = await _accepted(self.start, self.base, resume, self.failovers)
+        except ReplicaUnavailable:  # said of this request: lost after `delivered` tokens, not before it started
+            raise ReplicaUnavailable(self.base, cause, delivered) from None
+        self.replica = accepted.get("replica")
 
     def cancel(self) -> None:
         cancel_stream(self.gen)
