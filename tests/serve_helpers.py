@@ -21,6 +21,21 @@ from serving.router.sim import free_port
 MODEL = "smollm2-135m-instruct"
 
 
+def small_config(model: dict, server: dict | None = None, **sections) -> str:
+    """A serve config of the default model alone, with a small KV cache, and embeddings, collections,
+    fine-tuning and governance off: `model` adds the model's keys, `server` a server section, `sections`
+    replace top-level sections (e.g. governance={"enabled": True})."""
+    import yaml
+
+    cfg = {"models": [{"name": MODEL, "max_num_seqs": 16, "kv_cache_memory": "128MiB", "max_model_len": 1024,
+                       **model}],
+           "embeddings": {"enabled": False}, "rag": {"enabled": False}, "fine_tuning": {"enabled": False},
+           "governance": {"enabled": False}, **sections}
+    if server is not None:
+        cfg["server"] = server
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
 def make_home(tmp: Path) -> Path:
     """A data dir whose models/ links the already converted default model."""
     from serving.models import prepare_default_model

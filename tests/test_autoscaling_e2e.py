@@ -9,24 +9,13 @@ import time
 import httpx
 import pytest
 
-from tests.serve_helpers import MODEL, Server
+from tests.serve_helpers import MODEL, Server, small_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-CONFIG = f"""
-models:
-  - name: {MODEL}
-    autoscaling: {{min_replicas: 1, max_replicas: 2, target_ongoing_requests: 2, upscale_delay_s: 0,
-                  downscale_delay_s: 4, look_back_period_s: 2}}
-    num_threads: 1
-    max_num_seqs: 16
-    kv_cache_memory: 128MiB
-    max_model_len: 1024
-embeddings: {{enabled: false}}
-rag: {{enabled: false}}
-fine_tuning: {{enabled: false}}
-governance: {{enabled: false}}
-"""
+CONFIG = small_config({"num_threads": 1, "autoscaling": {
+    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0, "downscale_delay_s": 4,
+    "look_back_period_s": 2}})
 
 
 def running(server: Server) -> int:

@@ -18,29 +18,17 @@ from pathlib import Path
 import pytest
 
 from serving.router.sim import free_port
-from tests.serve_helpers import MODEL, Server
+from tests.serve_helpers import MODEL, Server, small_config
 from tests.test_replicas_e2e import run_streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
-CONFIG = f"""
-server:
-  proxy_location: HeadOnly         # both nodes are on this machine: one proxy, one port
-  ray_actor_options: {{num_cpus: 0, resources: {{head_node: 0.01}}}}
-models:
-  - name: {MODEL}
-    num_replicas: 2
-    num_threads: 1
-    max_num_seqs: 16
-    kv_cache_memory: 128MiB
-    max_model_len: 1024
-    ray_actor_options: {{num_cpus: 0, resources: {{replica_slot: 1}}}}   # one per node
-embeddings: {{enabled: false}}
-rag: {{enabled: false}}
-fine_tuning: {{enabled: false}}
-governance: {{enabled: false}}
-"""
+CONFIG = small_config(
+    {"num_replicas": 2, "num_threads": 1,
+     "ray_actor_options": {"num_cpus": 0, "resources": {"replica_slot": 1}}},  # one replica per node
+    # both nodes are on this machine: one proxy, one port; the gateway on the head
+    server={"proxy_location": "HeadOnly", "ray_actor_options": {"num_cpus": 0, "resources": {"head_node": 0.01}}})
 # Run in a child process, so this test process never becomes a Ray driver: which replica runs on which node, and
 # the prompt tokens each has computed (Serve's handle.broadcast of the replicas' stats).
 INSPECT = """

@@ -20,21 +20,11 @@ import httpx
 import pytest
 
 from tests.conftest import make_lora_adapter
-from tests.serve_helpers import MODEL, Server
+from tests.serve_helpers import MODEL, Server, small_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-CONFIG = f"""
-models:
-  - name: {MODEL}
-    num_replicas: 2
-    max_num_seqs: 16
-    kv_cache_memory: 128MiB
-    max_model_len: 1024
-embeddings: {{enabled: false}}
-rag: {{enabled: false}}
-governance: {{enabled: true}}
-"""
+CONFIG = small_config({"num_replicas": 2}, governance={"enabled": True})
 TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks", "salt", "kites", "moss", "bells",
           "ink", "wool", "ferns", "lamps", "caves", "rope", "figs", "snow", "tea", "coins", "wheels", "sails"]
 MAX_TOKENS = 40
