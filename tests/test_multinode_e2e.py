@@ -42,11 +42,17 @@ print(json.dumps({s["replica"]: {"node": nodes.get(s["node"], "?"), "prompt_toke
 """
 
 
-def replicas(address: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", INSPECT, address, MODEL], capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "RAY_ADDRESS": ""})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def replicas(address: str, within_s: float = 90) -> dict:
+    """Every running replica's node and prompt tokens. Right after a node dies Serve may still list its replica
+    (which then cannot answer) until Ray declares the node dead: ask again until every listed replica answers."""
+    deadline = time.monotonic() + within_s
+    while True:
+        r = subprocess.run([sys.executable, "-c", INSPECT, address, MODEL], capture_output=True, text=True,
+                           timeout=180, env={**os.environ, "RAY_ADDRESS": ""})
+        if r.returncode == 0:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        assert time.monotonic() < deadline and "ActorUnavailableError" in r.stderr, r.stderr[-3000:]
+        time.sleep(3)
 
 
 def raylet_pids(manager_port: int) -> list[int]:
