@@ -40,8 +40,10 @@ SIGNATURES = {
     "lp_limits": [_P, _P, _P, _P],
     "lp_linear_bf16": [_P, _I64, _I32, _I64, _P, _I64, _P, _P, _I32],
     "lp_has_avx512bf16": [],
+    "lp_decode_layers_bf16": [_P, _I32, _P, _P, _I32, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _I64, _P, _I32,
+                              _I32, _F, _F, _I32],
 }
-RETURNS = {"lp_has_avx512bf16": ctypes.c_int}
+RETURNS = {"lp_has_avx512bf16": ctypes.c_int, "lp_decode_layers_bf16": ctypes.c_int}
 _lib: ctypes.CDLL | None = None
 _path: Path | None = None
 _failed: str | None = None

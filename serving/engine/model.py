@@ -158,6 +158,7 @@ class CausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_dtype: torch.dtype | None = None  # float32 once pack_linears ran; else the weights' dtype
+        self.fused = None  # serving.engine.fused_decode.FusedDecode once bf16 projections are packed; None: per op
         self.set_rope(inv_freq, attention_scaling, max_len)
 
     def set_rope(self, inv_freq: torch.Tensor, attention_scaling: float, max_len: int) -> None:
@@ -187,6 +188,10 @@ class CausalLM(nn.Module):
             return False
         self.embed_tokens.to(dtype)
         self.activation_dtype = torch.float32
+        if dtype == torch.bfloat16 and not quantization:
+            from serving.engine.fused_decode import FusedDecode
+
+            self.fused = FusedDecode.build(self)
         return True
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -197,9 +202,12 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(batch.input_ids).to(self.activation_dtype or self.embed_tokens.weight.dtype)
         cos = self.rope_cos[batch.positions].to(x.dtype)
         sin = self.rope_sin[batch.positions].to(x.dtype)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, batch, k_cache, v_cache, lora_apply)
+        if self.fused is not None and self.fused.usable(batch, kv_caches, lora_apply):
+            x, residual = self.fused.run(x, cos, sin, batch, kv_caches)
+        else:
+            residual = None
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, cos, sin, batch, k_cache, v_cache, lora_apply)
         idx = batch.logits_indices
         h, _ = self.norm(x[idx], residual[idx])
         return self.logits(h).float()

@@ -1,0 +1,90 @@
+"""One C call for every decoder layer of a small decode step on bfloat16 weights (lp_decode_layers_bf16).
+
+A decode step of one or two streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth);
+the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs the
+same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
+(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear, the batch
+is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the C attention takes
+the caches; otherwise the per-op path runs. The layers' addresses are gathered once per KV cache allocation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_attention, cpu_native
+from serving.engine.linear import BF16Linear
+
+LAYER_PTRS = 12  # lp_decode_layers_bf16's LP_LAYER_PTRS
+
+
+class FusedDecode:
+    def __init__(self, model):
+        self.model = model
+        attn = model.layers[0].self_attn
+        self.hq, self.hkv, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.scale = attn.scale
+        self.hidden = model.config.hidden_size
+        self.intermediate = model.layers[0].mlp.intermediate
+        self.eps = float(model.layers[0].input_layernorm.eps)
+        self._table: torch.Tensor | None = None
+        self._table_key: tuple | None = None
+
+    @classmethod
+    def build(cls, model) -> "FusedDecode | None":
+        """The fused path for this model, or None where some layer cannot take it (Qwen3's q/k norms, a
+        projection that is not a C-backed BF16Linear, norms with different eps)."""
+        if cpu_native.lib() is None:
+            return None
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if attn.q_norm is not None or not all(isinstance(m, BF16Linear) and m._lib is not None for m in lins):
+                return None
+            if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {model.layers[0].input_layernorm.eps}:
+                return None
+        return cls(model)
+
+    def _layers(self, kv_caches) -> torch.Tensor:
+        key = tuple((k.data_ptr(), v.data_ptr()) for k, v in kv_caches)
+        if key != self._table_key:
+            ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+            rows = []
+            for layer, (k, v) in zip(self.model.layers, kv_caches):
+                attn, mlp = layer.self_attn, layer.mlp
+                lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                rows.append([ptr(m.weight) for m in lins] + [ptr(m.bias) for m in lins]
+                            + [ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
+                               ptr(k), ptr(v)])
+            self._table, self._table_key = torch.tensor(rows, dtype=torch.int64), key
+        return self._table
+
+    def usable(self, batch, kv_caches, lora_apply) -> bool:
+        t = batch.input_ids.shape[0]
+        if batch.num_prefill_tokens or lora_apply is not None or not 0 < t <= BF16Linear.GEMV_ROWS:
+            return False
+        k, v = kv_caches[0]
+        q = torch.empty((t, self.hq, self.head_dim))  # only its layout is looked at
+        return cpu_attention.supports(q, k, v, batch.decode_block_tables, batch.decode_seq_lens)
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, kv_caches):
+        """(last MLP output, residual stream) after every layer, as the per-op loop returns them."""
+        t = x.shape[0]
+        residual = x.contiguous()  # the embeddings (a fresh tensor): the residual stream, updated in place
+        out = torch.empty_like(residual)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        slots = batch.slot_mapping.to(torch.int64).contiguous()
+        tables = batch.decode_block_tables
+        if tables.dtype != torch.int32 or tables.stride(1) != 1:
+            tables = tables.to(torch.int32).contiguous()
+        lens = batch.decode_seq_lens.to(torch.int32).contiguous()
+        k = kv_caches[0][0]
+        layers = self._layers(kv_caches)
+        rc = cpu_native.lib().lp_decode_layers_bf16(
+            layers.data_ptr(), len(self.model.layers), residual.data_ptr(), out.data_ptr(), t, self.hidden,
+            self.intermediate, self.hq, self.hkv, self.head_dim, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            tables.data_ptr(), tables.stride(0), lens.data_ptr(), k.shape[1], int(k.dtype == torch.bfloat16),
+            self.eps, self.scale, cpu_native.threads())
+        if rc != 0:
+            raise MemoryError("the fused decode step could not allocate its scratch buffers")
+        return out, residual

@@ -1,0 +1,82 @@
+"""The fused bf16 decode step (serving.engine.fused_decode): bitwise the per-op path's logits, taken exactly when
+it applies (decode-only, one or two rows, no LoRA, bf16 projections), and never for layers it cannot run."""
+
+import pytest
+import torch
+
+from tests.conftest import make_lora_adapter
+from serving.engine import EngineConfig, SamplingParams
+from serving.engine.fused_decode import FusedDecode
+from serving.engine.llm_engine import LLMEngine
+
+
+def _logits_per_step(engine, prompts, fused, params):
+    """Every step's logits and the fused path's calls, with the fused path on (its FusedDecode) or off (None)."""
+    model = engine.model
+    model.fused = fused
+    steps, calls = [], []
+    if fused is not None:
+        real = fused.run
+        fused.run = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    hook = model.register_forward_hook(lambda m, inp, out: steps.append(out.clone()))
+    try:
+        outs = engine.generate(prompts, params)
+    finally:
+        hook.remove()
+        if fused is not None:
+            del fused.run
+    return steps, calls, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased q/k/v projections
+def test_fused_step_equals_the_per_op_path_bitwise(arch, tiny_model_factory):
+    engine = LLMEngine(EngineConfig(model=tiny_model_factory(arch), dtype="bfloat16", num_kv_blocks=64,
+                                    block_size=8, enable_prefix_caching=False))
+    fused = engine.model.fused
+    assert isinstance(fused, FusedDecode)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for prompts in ([[5, 6, 7, 8, 9]], [[5, 6, 7, 8, 9], list(range(20, 41))]):  # one row, then two
+        on, calls, tokens_on = _logits_per_step(engine, prompts, fused, params)
+        off, none, tokens_off = _logits_per_step(engine, prompts, None, params)
+        assert none == [] and calls == [len(prompts)] * 11  # every decode step, never the prefill
+        assert tokens_on == tokens_off and len(on) == len(off) == 12
+        for a, b in zip(on, off):
+            assert torch.equal(a, b)
+    engine.model.fused = fused
+    assert engine.allocator.all_free()
+
+
+def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
+    """30 real layers, a bf16 KV cache: the same logits, bit for bit, as the per-op path."""
+    engine = LLMEngine(EngineConfig(model=default_model_path, dtype="bfloat16", kv_cache_memory="64MiB",
+                                    enable_prefix_caching=False))
+    fused = engine.model.fused
+    ids = engine.tokenizer("The three primary colors are")["input_ids"]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    on, calls, tokens_on = _logits_per_step(engine, [ids], fused, params)
+    off, _, tokens_off = _logits_per_step(engine, [ids], None, params)
+    assert calls == [1] * 9 and tokens_on == tokens_off
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_path):
+    """Qwen3's q/k norms and float32 or quantized weights build no fused path; three rows, a prefill and a
+    LoRA batch run per op."""
+    assert LLMEngine(EngineConfig(model=tiny_model_factory("qwen3"), dtype="bfloat16", num_kv_blocks=32,
+                                  block_size=8)).model.fused is None
+    for kw in (dict(dtype="float32"), dict(quantization="int8")):
+        assert LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=32, block_size=8,
+                                      **kw)).model.fused is None
+    path = tiny_model_factory("llama")
+    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=64, block_size=8))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    _, calls, _ = _logits_per_step(engine, [[5, 6], [7, 8], [9, 10]], engine.model.fused, params)
+    assert calls == []  # three rows: oneDNN's GEMM, per op
+    engine.add_lora("a", make_lora_adapter(path, tmp_path / "a", rank=4, seed=1))
+    fused = engine.model.fused
+    real, calls = fused.run, []
+    fused.run = lambda *a: calls.append(1) or real(*a)
+    lora = engine.generate([[5, 6, 7]], params, lora_names=["a"])[0].outputs[0].token_ids
+    assert calls == []
+    engine.model.fused = None
+    assert engine.generate([[5, 6, 7]], params, lora_names=["a"])[0].outputs[0].token_ids == lora
