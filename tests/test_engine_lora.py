@@ -40,7 +40,7 @@ def lora_setup(tiny_model_factory, tmp_path_factory):
 
 def test_adapter_greedy_equals_peft_merged(lora_setup):
     base, adapters = lora_setup
-    engine = LLMEngine(EngineConfig(model=base, num_kv_blocks=128, max_lora_rank=16))
+    engine = LLMEngine(EngineConfig(model=base, dtype="float32", num_kv_blocks=128, max_lora_rank=16))
     prompts = [engine.tokenizer(p)["input_ids"] for p in ("Hello world", "The answer is forty two and")]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     for name in ("a0", "a2", "a3"):
@@ -52,7 +52,7 @@ def test_adapter_greedy_equals_peft_merged(lora_setup):
 
 def test_mixed_batch_of_8_adapters_and_base_equals_each_alone(lora_setup):
     base, adapters = lora_setup
-    engine = LLMEngine(EngineConfig(model=base, num_kv_blocks=256, max_lora_rank=16, max_loras=4,
+    engine = LLMEngine(EngineConfig(model=base, dtype="float32", num_kv_blocks=256, max_lora_rank=16, max_loras=4,
                                     max_num_batched_tokens=64))
     for name, path in adapters.items():
         engine.add_lora(name, path)
@@ -70,7 +70,7 @@ def test_mixed_batch_of_8_adapters_and_base_equals_each_alone(lora_setup):
 
 def test_unload_and_reload_gives_same_output(lora_setup):
     base, adapters = lora_setup
-    engine = LLMEngine(EngineConfig(model=base, num_kv_blocks=128, max_lora_rank=16))
+    engine = LLMEngine(EngineConfig(model=base, dtype="float32", num_kv_blocks=128, max_lora_rank=16))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine.add_lora("x", adapters["a1"])
     first = engine.generate(["Hi there"], params, lora_names=["x"])[0].outputs[0].token_ids
@@ -83,7 +83,7 @@ def test_unload_and_reload_gives_same_output(lora_setup):
 
 def test_bad_adapters_are_refused_and_engine_keeps_serving(lora_setup, tmp_path, tiny_model_factory):
     base, adapters = lora_setup
-    engine = LLMEngine(EngineConfig(model=base, num_kv_blocks=128, max_lora_rank=8))
+    engine = LLMEngine(EngineConfig(model=base, dtype="float32", num_kv_blocks=128, max_lora_rank=8))
     with pytest.raises(AdapterError, match="does not exist"):
         engine.add_lora("missing", str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
@@ -118,7 +118,8 @@ def test_bfloat16_adapter_store_follows_fp32(lora_setup):
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
 
     def run(lora_dtype, names, k):
-        engine = LLMEngine(EngineConfig(model=base, num_kv_blocks=128, max_lora_rank=16, lora_dtype=lora_dtype))
+        engine = LLMEngine(EngineConfig(model=base, dtype="float32", num_kv_blocks=128, max_lora_rank=16,
+                                        lora_dtype=lora_dtype))
         for name in {n for n in names if n}:
             engine.add_lora(name, adapters[name])
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=k)
@@ -153,4 +154,4 @@ def test_lora_dtype_is_checked(lora_setup, monkeypatch):
         EngineConfig(model=base, lora_dtype="int8")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton kernels (interpreted here) read B in the model's dtype
     with pytest.raises(ModelLoadError, match="Triton LoRA kernels need them equal"):
-        LLMEngine(EngineConfig(model=base, num_kv_blocks=64, kernels="triton", lora_dtype="bfloat16"))
+        LLMEngine(EngineConfig(model=base, dtype="float32", num_kv_blocks=64, kernels="triton", lora_dtype="bfloat16"))

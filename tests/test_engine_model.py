@@ -14,7 +14,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
-    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, block_size=8))
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=64, block_size=8))
     if torch.backends.mkldnn.is_available():  # the CPU path under test is the oneDNN pre-packed one
         from serving.engine.linear import PackedLinear
 
@@ -35,7 +35,8 @@ def test_logits_match_transformers(arch, tiny_model_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generation_matches_hf_generate(arch, tiny_model_factory):
     path = tiny_model_factory(arch)
-    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=128, block_size=4, max_num_batched_tokens=7))
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=128, block_size=4,
+                                    max_num_batched_tokens=7))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [engine.tokenizer(p)["input_ids"] for p in ("Hello there", "One two three four five six seven eight")]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -50,7 +51,7 @@ def test_rope_scaling_llama3_matches_hf(tiny_model_factory):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64, "rope_theta": 500000.0}
     path = tiny_model_factory("llama", rope_parameters=rope)
-    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, block_size=8))
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=64, block_size=8))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = list(range(100, 180))
     with torch.no_grad():

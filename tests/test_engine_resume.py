@@ -17,8 +17,8 @@ PROMPT = "The river runs past the old stone mill, and the miller says"
 @pytest.fixture(scope="module")
 def engines(tiny_model_factory):
     path = tiny_model_factory("llama")
-    return LLMEngine(EngineConfig(model=path, num_kv_blocks=256, block_size=8)), \
-        LLMEngine(EngineConfig(model=path, num_kv_blocks=256, block_size=8))
+    return LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=256, block_size=8)), \
+        LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=256, block_size=8))
 
 
 def run(engine, params, resume=None):

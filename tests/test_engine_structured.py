@@ -39,7 +39,7 @@ def validate(text: str, schema) -> None:
 @pytest.fixture(scope="module")
 def tiny(tiny_model_factory, tmp_path_factory):
     path = tiny_model_factory("llama")
-    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=512, block_size=8, max_num_seqs=32))
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=512, block_size=8, max_num_seqs=32))
     adapter = make_lora_adapter(path, tmp_path_factory.mktemp("structured-lora") / "a", rank=4, seed=1)
     engine.add_lora("a", str(adapter))
     return engine
@@ -357,6 +357,22 @@ def test_every_allowed_keyword_is_enforced_by_the_grammar(tiny, schema, bad):
         json.loads(bad))
     matcher = xgr.GrammarMatcher(tiny.grammars.compile(spec(schema)))
     assert not (matcher.accept_string(bad) and matcher.is_completed())
+
+
+def test_dates_follow_the_calendar(tiny):
+    """format: date takes only real dates (xgrammar's own grammar let "2024-11-31" through), as jsonschema's
+    format checker does; nested dates too."""
+    import xgrammar as xgr
+
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"]}
+    check = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    compiled = tiny.grammars.compile(spec({"type": "array", "items": schema}))
+    for day in ["2024-02-29", "2000-02-29", "2023-02-28", "0001-01-01", "9999-12-31", "2024-11-30", "1999-01-31",
+                "2023-02-29", "1900-02-29", "2024-11-31", "2024-04-31", "0000-01-01", "2024-13-01", "2024-00-10",
+                "2024-01-00", "2100-02-29", "2400-02-29", "0004-02-29"]:
+        m = xgr.GrammarMatcher(compiled)
+        text = json.dumps([{"d": day}])
+        assert (m.accept_string(text) and m.is_completed()) == check.is_valid({"d": day}), day
 
 
 def test_no_raw_control_characters_in_json_strings(tiny):

@@ -28,7 +28,7 @@ def base(tiny_model_factory):
 
 @pytest.fixture(scope="module")
 def engine(base):
-    return LLMEngine(EngineConfig(model=base, served_name="tiny", hf_id=HF_ID, aliases=("tiny-chat",),
+    return LLMEngine(EngineConfig(model=base, dtype="float32", served_name="tiny", hf_id=HF_ID, aliases=("tiny-chat",),
                                   num_kv_blocks=128, max_lora_rank=16))
 
 
@@ -127,7 +127,8 @@ def test_a_folder_holding_another_architecture_is_refused(engine, base, tiny_mod
 
 def test_system_fingerprint_is_stable_and_follows_dtype(base):
     def fp(**kw):
-        return LLMEngine(EngineConfig(model=base, num_kv_blocks=16, enable_lora=False, **kw)).system_fingerprint
+        cfg = EngineConfig(model=base, num_kv_blocks=16, enable_lora=False, **{"dtype": "float32", **kw})
+        return LLMEngine(cfg).system_fingerprint
 
     first, again = fp(), fp()
     assert isinstance(first, str) and first.startswith("fp_") and first == again

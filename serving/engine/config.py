@@ -30,7 +30,7 @@ class EngineConfig:
     hf_id: str | None = None  # the weights' Hugging Face repo id; None: found from the source (serving.identity)
     aliases: tuple[str, ...] = ()  # more names the model answers to (adapter base checks, the API's `model`)
     tokenizer: str | None = None  # defaults to the model's folder
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA and under quantization), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (llm_engine.auto_dtype: bf16 where fast, else fp32), float32, bfloat16, float16
     quantization: str | None = None  # CPU weight-only int8 or int4 (serving.engine.linear); None: dense weights
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     num_threads: int | None = None  # CPU threads for torch and our C kernels; None: torch's (OMP_NUM_THREADS)
