@@ -33,6 +33,7 @@ CONFIG = f"""
 server: {{host: 127.0.0.1, port: 8000}}
 models:
   - name: {MODEL}
+    dtype: float32  # exact against HF transformers (logprobs, batching); bf16 is the CPU default
     max_model_len: 2048
     kv_cache_memory: 256MiB
     max_num_seqs: 32

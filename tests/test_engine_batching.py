@@ -61,8 +61,8 @@ def test_64_concurrent_requests_equal_each_alone_tiny(tiny_model_factory, num_kv
 @pytest.mark.slow
 def test_default_model_64_concurrent_equal_alone_with_preemption(default_model_path):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", num_kv_blocks=40, block_size=16,
-                                    max_num_batched_tokens=256))
+    engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", dtype="float32", num_kv_blocks=40, block_size=16,
+                                    max_num_batched_tokens=256))  # float32: the batch-invariant format
     ids = prompts(engine.tokenizer, 64, seed=1, max_words=30)
     expected = alone(engine, ids, params)
     assert engine.stats()["prefix_cache_hits"] > 0  # the shared system prompt came from the cache

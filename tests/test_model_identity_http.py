@@ -25,6 +25,7 @@ CONFIG = f"""
 models:
   - name: {MODEL}
     aliases: [smollm2, small-chat]
+    dtype: float32  # exact against PEFT
     max_model_len: 1024
     kv_cache_memory: 128MiB
     ray_actor_options: {{num_cpus: 0}}

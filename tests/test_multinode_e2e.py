@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 CONFIG = small_config(
-    {"num_replicas": 2, "num_threads": 1,
+    {"num_replicas": 2, "num_threads": 1, "dtype": "float32",  # exact against the no-fault run (test_replicas_e2e)
      "ray_actor_options": {"num_cpus": 0, "resources": {"replica_slot": 1}}},  # one replica per node
     # both nodes are on this machine: one proxy, one port; the gateway on the head
     server={"proxy_location": "HeadOnly", "ray_actor_options": {"num_cpus": 0, "resources": {"head_node": 0.01}}})

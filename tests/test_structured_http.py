@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CONFIG = f"""
 models:
   - name: {MODEL}
+    dtype: float32  # batching changes no token only in float32
     max_model_len: 2048
     kv_cache_memory: 256MiB
     max_num_seqs: 16
