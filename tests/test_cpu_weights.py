@@ -25,11 +25,13 @@ def _weights(n=96, k=128, seed=0):
 
 
 def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
-    """One or two rows take the C GEMV, more rows oneDNN; both equal a float32 matmul of the bf16-rounded x and
-    w, rounded to bf16 (both round their output), up to summation order."""
+    """Up to GEMV_ROWS rows take the C GEMV, more rows oneDNN; both equal a float32 matmul of the bf16-rounded x
+    and w, rounded to bf16 (both round their output), up to summation order."""
     from kernels import cpu_native
 
-    w, b, x = _weights()
+    w, b, _ = _weights()
+    n = BF16Linear.GEMV_ROWS
+    x = torch.randn(n + 1, 128, generator=torch.Generator().manual_seed(1))
     lin = BF16Linear(w, b)
     assert lin._lib is not None and lin.weight.dtype == torch.bfloat16
     ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()
@@ -37,11 +39,11 @@ def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
     real = lin._lib.lp_linear_bf16
     spy = staticmethod(lambda *a: calls.append(a[2]) or real(*a))  # a[2]: the row count
     monkeypatch.setattr(lin, "_lib", type("Spy", (), {"lp_linear_bf16": spy})())
-    for rows in (1, 2):
+    for rows in (1, 2, 3, n):
         torch.testing.assert_close(lin(x[:rows]), ref[:rows], atol=1e-2, rtol=8e-3)  # one bf16 step
-    assert calls == [1, 2]
+    assert calls == [1, 2, 3, n]
     y = lin(x)
-    assert calls == [1, 2] and y.dtype == torch.float32 and y.shape == (5, 96)
+    assert calls == [1, 2, 3, n] and y.dtype == torch.float32 and y.shape == (n + 1, 96)
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
     assert cpu_native.lib().lp_has_avx512bf16() == int(bf16_native() or not Path("/proc/cpuinfo").exists()
                                                        or "avx512_bf16" in Path("/proc/cpuinfo").read_text())

@@ -1,5 +1,5 @@
 """The fused bf16 decode step (serving.engine.fused_decode): bitwise the per-op path's logits, taken exactly when
-it applies (decode-only, one or two rows, no LoRA, bf16 projections), and never for layers it cannot run."""
+it applies (decode-only, up to GEMV_ROWS rows, no LoRA, bf16 projections), and never for layers it cannot run."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch
 from tests.conftest import make_lora_adapter
 from serving.engine import EngineConfig, SamplingParams
 from serving.engine.fused_decode import FusedDecode
+from serving.engine.linear import BF16Linear
 from serving.engine.llm_engine import LLMEngine
 
 
@@ -35,7 +36,9 @@ def test_fused_step_equals_the_per_op_path_bitwise(arch, tiny_model_factory):
     fused = engine.model.fused
     assert isinstance(fused, FusedDecode)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for prompts in ([[5, 6, 7, 8, 9]], [[5, 6, 7, 8, 9], list(range(20, 41))]):  # one row, then two
+    rows = [[5, 6, 7, 8, 9], list(range(20, 41)), [7, 7], [30, 31, 32], [9], [40] * 6, [41, 42], [50, 51, 52, 53]]
+    assert BF16Linear.GEMV_ROWS == len(rows)
+    for prompts in (rows[:1], rows[:2], rows[:5], rows):  # one to eight rows (four and more: threaded small ops)
         on, calls, tokens_on = _logits_per_step(engine, prompts, fused, params)
         off, none, tokens_off = _logits_per_step(engine, prompts, None, params)
         assert none == [] and calls == [len(prompts)] * 11  # every decode step, never the prefill
@@ -60,7 +63,7 @@ def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
 
 
 def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_path):
-    """Qwen3's q/k norms and float32 or quantized weights build no fused path; three rows, a prefill and a
+    """Qwen3's q/k norms and float32 or quantized weights build no fused path; nine rows, a prefill and a
     LoRA batch run per op."""
     assert LLMEngine(EngineConfig(model=tiny_model_factory("qwen3"), dtype="bfloat16", num_kv_blocks=32,
                                   block_size=8)).model.fused is None
@@ -70,8 +73,9 @@ def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_p
     path = tiny_model_factory("llama")
     engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=64, block_size=8))
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    _, calls, _ = _logits_per_step(engine, [[5, 6], [7, 8], [9, 10]], engine.model.fused, params)
-    assert calls == []  # three rows: oneDNN's GEMM, per op
+    _, calls, _ = _logits_per_step(engine, [[5 + i, 6] for i in range(BF16Linear.GEMV_ROWS + 1)],
+                                   engine.model.fused, params)
+    assert calls == []  # more rows than GEMV_ROWS: oneDNN's GEMM, per op
     engine.add_lora("a", make_lora_adapter(path, tmp_path / "a", rank=4, seed=1))
     fused = engine.model.fused
     real, calls = fused.run, []

@@ -434,7 +434,7 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
     free(xb);
 }
 
-/* Every decoder layer of a decode-only step of M <= 2 tokens over bfloat16 weights, in one call: the same
+/* Every decoder layer of a decode-only step of a few (M <= BF16Linear.GEMV_ROWS) tokens over bfloat16 weights, in one call: the same
  * kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16, lp_rope_f32, the paged decode attention,
  * lp_silu_mul_f32), in the same order, with the same thread counts, so the tokens are bitwise those of the
  * per-op path. What it removes is ~15 Python-level calls per layer (~8 ms of a ~25 ms step on 2 cores).
@@ -454,6 +454,7 @@ int lp_decode_layers_bf16(const int64_t *layers, int L, float *r, float *d, int 
     float *buf = (float *)malloc(sizeof(float) * (size_t)M * (size_t)(H + QKV + QS + 2 * I + I));
     if (!buf) return -1;
     float *h = buf, *qkv = h + M * H, *att = qkv + M * QKV, *gu = att + M * QS, *act = gu + M * 2 * I;
+    const int small = M < 4 ? 1 : nthreads; /* kernels.cpu_native.threads(rows): a team costs more than 1-3 rows */
     for (int l = 0; l < L; l++) {
         const int64_t *p = layers + (int64_t)l * LP_LAYER_PTRS;
         const uint16_t *w_qkv = (const uint16_t *)p[0], *w_o = (const uint16_t *)p[1];
@@ -462,9 +463,9 @@ int lp_decode_layers_bf16(const int64_t *layers, int L, float *r, float *d, int 
         const float *b_gu = (const float *)p[6], *b_down = (const float *)p[7];
         const float *ln1 = (const float *)p[8], *ln2 = (const float *)p[9];
         void *kc = (void *)p[10], *vc = (void *)p[11];
-        lp_add_rms_norm_f32(r, H, l ? d : NULL, H, ln1, h, M, H, eps, 1);
+        lp_add_rms_norm_f32(r, H, l ? d : NULL, H, ln1, h, M, H, eps, small);
         lp_linear_bf16(h, H, M, H, w_qkv, QKV, b_qkv, qkv, nthreads);
-        lp_rope_f32(qkv, QKV, cos_t, sin_t, M, Hq + Hkv, D, 1);
+        lp_rope_f32(qkv, QKV, cos_t, sin_t, M, Hq + Hkv, D, small);
         for (int m = 0; m < M; m++) {  /* this token's K and V into its cache slot */
             const float *k = qkv + m * QKV + QS, *v = k + KVS;
             if (kv_bf16) {
@@ -477,14 +478,14 @@ int lp_decode_layers_bf16(const int64_t *layers, int L, float *r, float *d, int 
         }
         if (kv_bf16)
             lp_paged_decode_bf16kv(qkv, QKV, (const uint16_t *)kc, (const uint16_t *)vc, block_tables, bt_stride,
-                                   seq_lens, att, M, Hq, Hkv, D, BS, scale, 1);
+                                   seq_lens, att, M, Hq, Hkv, D, BS, scale, small);
         else
             lp_paged_decode_f32(qkv, QKV, (const float *)kc, (const float *)vc, block_tables, bt_stride, seq_lens,
-                                att, M, Hq, Hkv, D, BS, scale, 1);
+                                att, M, Hq, Hkv, D, BS, scale, small);
         lp_linear_bf16(att, QS, M, QS, w_o, H, b_o, d, nthreads);
-        lp_add_rms_norm_f32(r, H, d, H, ln2, h, M, H, eps, 1);
+        lp_add_rms_norm_f32(r, H, d, H, ln2, h, M, H, eps, small);
         lp_linear_bf16(h, H, M, H, w_gu, 2 * I, b_gu, gu, nthreads);
-        lp_silu_mul_f32(gu, act, M, I, 1);
+        lp_silu_mul_f32(gu, act, M, I, small);
         lp_linear_bf16(act, I, M, I, w_down, H, b_down, d, nthreads);
     }
     free(buf);

@@ -1,6 +1,6 @@
 """One C call for every decoder layer of a small decode step on bfloat16 weights (lp_decode_layers_bf16).
 
-A decode step of one or two streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth);
+A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth);
 the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs the
 same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
 (tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear, the batch
