@@ -76,16 +76,8 @@ def load_serve_config(path: str | None, host: str | None = None, port: int | Non
     return cfg
 
 
-# Ray Serve's throughput mode (gRPC between deployments, the ingress on the replica's own HTTP server, no extra
-# thread per call): -25 ms on a short request's first token here. Set before Ray is imported, so the driver and
-# a local instance's actors read it; RAY_SERVE_THROUGHPUT_OPTIMIZED=0 turns it off.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
 def cmd_serve(args) -> int:
     cfg = load_serve_config(args.config, args.host, args.port)
-    for key, value in SERVE_ENV.items():
-        os.environ.setdefault(key, value)
     import ray
     from ray import serve
 
@@ -98,7 +90,7 @@ def cmd_serve(args) -> int:
         # address="local": always a fresh instance, never someone else's cluster on this machine.
         ray.init(address="local", include_dashboard=False, configure_logging=True, logging_level="warning")
     else:
-        ray.init(address=address, runtime_env={"env_vars": {k: os.environ[k] for k in SERVE_ENV}})
+        ray.init(address=address)
     # Ctrl-C and SIGTERM both end in the `finally` below; SIGINT is set explicitly because a shell starts
     # background jobs with it ignored, and Python keeps an ignored SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

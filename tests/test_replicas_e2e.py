@@ -3,7 +3,9 @@
 24 concurrent streamed chats (greedy, fixed prompts). A SIGKILL of one replica's process, once mid-generation and
 once right after the requests arrive (prefill), loses no request: every stream completes with the text and usage
 of the no-fault run, the audit log marks the failovers, and each request is charged once. An adapter loaded or
-unloaded through the API is on (or off) every replica by the time the call returns.
+unloaded through the API is on (or off) every replica by the time the call returns. A bounded locust soak at a
+fixed pace ends with no errors and no replica memory growth; a replica killed during an adapter load leaves the
+adapter on every replica.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import make_lora_adapter
+from benchmarks.cli import LORAPLEX
 from tests.serve_helpers import MODEL, Server, small_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -168,3 +172,74 @@ def test_an_adapter_reaches_every_replica_before_the_call_returns(server, defaul
     assert sum(float(line.rsplit(" ", 1)[1]) for line in held) == 2, held  # on both replicas
     assert httpx.delete(server.base + f"/v1/adapters/{MODEL}:terse", timeout=60).status_code == 200
     assert burst(f"{MODEL}:terse") == [404] * 16  # off every replica
+
+
+def test_killing_a_replica_during_an_adapter_load(server, default_model_path):
+    """A replica SIGKILLed while POST /v1/adapters loads the adapter on every replica: the call still succeeds
+    (the surviving replica holds it and the registry has it), and the replica Serve starts in its place serves
+    the adapter too, so no request for it 404s afterwards."""
+    import threading
+
+    folder = make_lora_adapter(default_model_path, server.home / "adapters" / "steady", 4, seed=5, std=0.05,
+                               targets=["q_proj", "v_proj"])
+    wait_for_replicas(server, 2)
+    victim = replica_pids(server.home)[0]
+    answer = {}
+    call = threading.Thread(target=lambda: answer.update(r=httpx.post(
+        server.base + "/v1/adapters", json={"name": "steady", "source": str(folder)}, timeout=240)))
+    call.start()
+    time.sleep(0.05)  # the broadcast is on its way to (or loading on) both replicas
+    os.kill(victim, signal.SIGKILL)
+    call.join()
+    assert answer["r"].status_code == 200, answer["r"].text
+    wait_for_replicas(server, 2)
+    assert victim not in replica_pids(server.home)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.base, timeout=120) as c:
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={
+                "model": f"{MODEL}:steady", "prompt": f"Name {i} colours:", "max_tokens": 2}) for i in range(16)))
+            return [r.status_code for r in rs]
+
+    assert asyncio.run(burst()) == [200] * 16  # on both replicas, the new one included
+    assert httpx.delete(server.base + f"/v1/adapters/{MODEL}:steady", timeout=60).status_code == 200
+
+
+def _rss_mb(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out[pid] = int(line.split()[1]) / 1024
+    return out
+
+
+def _bench(server: Server, out: Path, seconds: int) -> dict:
+    """`loraplex bench` (locust, headless) at a fixed pace: 4 users, each waiting 0.5 s between requests."""
+    env = {**server.env, "LORAPLEX_BENCH_WAIT_S": "0.5"}
+    r = subprocess.run([*LORAPLEX, "bench", "--host", server.base, "--users", "4", "--duration", str(seconds),
+                        "--max-tokens", "32", "--out", str(out)], env=env, capture_output=True, text=True,
+                       timeout=seconds + 300)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_soak_at_a_fixed_rate_has_no_errors_and_no_memory_growth(server, tmp_path):
+    """A bounded soak (issue #21): a 10 s warm-up, then 45 s of locust at a fixed pace on 2 replicas.
+    Reports TTFT p50/p99, requests and errors (0), and each replica's RSS before and after (growth under
+    64 MiB: the KV cache and buffers are allocated up front, so a steady climb would be a leak)."""
+    wait_for_replicas(server, 2)  # after the chaos tests, Serve has restarted the killed replica
+    _bench(server, tmp_path / "warm", 10)
+    pids = replica_pids(server.home)
+    before = _rss_mb(pids)
+    figures = _bench(server, tmp_path / "soak", 45)
+    after = _rss_mb(pids)
+    growth = {pid: round(after[pid] - before[pid], 1) for pid in pids}
+    report = {**{k: figures[k] for k in ("requests", "errors", "ttft_ms_p50", "ttft_ms_p99", "throughput_tok_s")},
+              "rss_mb_before": before, "rss_mb_growth": growth}
+    (tmp_path / "soak.json").write_text(json.dumps(report, indent=2))
+    print("soak:", json.dumps(report))
+    assert figures["errors"] == 0 and figures["requests"] >= 30, report
+    assert figures["ttft_ms_p50"] is not None and figures["ttft_ms_p99"] >= figures["ttft_ms_p50"]
+    assert replica_pids(server.home) == pids  # no replica died or restarted during the soak
+    assert all(g < 64 for g in growth.values()), report

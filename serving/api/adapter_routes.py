@@ -67,8 +67,10 @@ def build_router(core) -> APIRouter:
             raise APIError(409, f"the name {name!r} is already in use", param="name", code="adapter_exists")
         deps.check_ready(base)
         # every running replica loads it before the answer (so no request for it 404s on another replica);
-        # the registry then gives it to replicas that start later (restarts, autoscaling)
+        # the registry then gives it to replicas that start later (restarts, autoscaling). A replica lost during
+        # the call does not fail it: Serve replaces it, and the replacement loads the adapter from the registry.
         results = await deps.broadcast(base, "add_adapter", name, source, force)
+        results = [r for r in results if not (isinstance(r, BaseException) and replica_lost(r))] or results
         if results and all(isinstance(r, dict) and _exists(r) for r in results):
             raise APIError.from_dict(results[0]["error"])  # loaded everywhere already: the name is in use
         loaded = [r for r in results if isinstance(r, dict) and (r["ok"] or _exists(r))]
