@@ -11,7 +11,7 @@ from serving.engine.linear import BF16Linear
 from serving.engine.llm_engine import LLMEngine
 
 
-def _logits_per_step(engine, prompts, fused, params):
+def _logits_per_step(engine, prompts, fused, params, lora_names=None):
     """Every step's logits and the fused path's calls, with the fused path on (its FusedDecode) or off (None)."""
     model = engine.model
     model.fused = fused
@@ -21,7 +21,7 @@ def _logits_per_step(engine, prompts, fused, params):
         fused.run = lambda *a: calls.append(a[0].shape[0]) or real(*a)
     hook = model.register_forward_hook(lambda m, inp, out: steps.append(out.clone()))
     try:
-        outs = engine.generate(prompts, params)
+        outs = engine.generate(prompts, params, lora_names)
     finally:
         hook.remove()
         if fused is not None:
@@ -78,9 +78,6 @@ def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_p
     assert calls == []  # more rows than GEMV_ROWS: oneDNN's GEMM, per op
     engine.add_lora("a", make_lora_adapter(path, tmp_path / "a", rank=4, seed=1))
     fused = engine.model.fused
-    real, calls = fused.run, []
-    fused.run = lambda *a: calls.append(1) or real(*a)
-    lora = engine.generate([[5, 6, 7]], params, lora_names=["a"])[0].outputs[0].token_ids
+    _, calls, lora = _logits_per_step(engine, [[5, 6, 7]], fused, params, ["a"])
     assert calls == []
-    engine.model.fused = None
-    assert engine.generate([[5, 6, 7]], params, lora_names=["a"])[0].outputs[0].token_ids == lora
+    assert _logits_per_step(engine, [[5, 6, 7]], None, params, ["a"])[2] == lora

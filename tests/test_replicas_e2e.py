@@ -150,28 +150,30 @@ def test_killing_a_replica_loses_no_request(server, baseline, moment):
     assert sum(e["completion_tokens"] for e in entries) == sum(r["usage"]["completion_tokens"] for r in baseline)
 
 
+def burst(server: Server, model: str) -> list[int]:
+    """Status codes of 16 concurrent completions for `model` (spread over the replicas)."""
+    async def go():
+        async with httpx.AsyncClient(base_url=server.base, timeout=120) as c:
+            rs = await asyncio.gather(*(c.post("/v1/completions", json={
+                "model": model, "prompt": f"Count to {i}:", "max_tokens": 2}) for i in range(16)))
+            return [r.status_code for r in rs]
+    return asyncio.run(go())
+
+
 def test_an_adapter_reaches_every_replica_before_the_call_returns(server, default_model_path):
     folder = make_lora_adapter(default_model_path, server.home / "adapters" / "terse", 4, seed=3, std=0.05,
                                targets=["q_proj", "v_proj"])
     wait_for_replicas(server, 2)
 
-    def burst(model: str) -> list[int]:
-        async def go():
-            async with httpx.AsyncClient(base_url=server.base, timeout=120) as c:
-                rs = await asyncio.gather(*(c.post("/v1/completions", json={
-                    "model": model, "prompt": f"Count to {i}:", "max_tokens": 2}) for i in range(16)))
-                return [r.status_code for r in rs]
-        return asyncio.run(go())
-
     r = httpx.post(server.base + "/v1/adapters", json={"name": "terse", "source": str(folder)}, timeout=120)
     assert r.status_code == 200, r.text
-    assert burst(f"{MODEL}:terse") == [200] * 16  # whichever replica takes it holds the adapter
+    assert burst(server, f"{MODEL}:terse") == [200] * 16  # whichever replica takes it holds the adapter
     stats = httpx.get(server.base + "/metrics", timeout=30).text
     held = [line for line in stats.splitlines() if line.startswith("loraplex_adapter_resident_replicas")
             and 'adapter="terse"' in line]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in held) == 2, held  # on both replicas
     assert httpx.delete(server.base + f"/v1/adapters/{MODEL}:terse", timeout=60).status_code == 200
-    assert burst(f"{MODEL}:terse") == [404] * 16  # off every replica
+    assert burst(server, f"{MODEL}:terse") == [404] * 16  # off every replica
 
 
 def test_killing_a_replica_during_an_adapter_load(server, default_model_path):
@@ -194,14 +196,7 @@ def test_killing_a_replica_during_an_adapter_load(server, default_model_path):
     assert answer["r"].status_code == 200, answer["r"].text
     wait_for_replicas(server, 2)
     assert victim not in replica_pids(server.home)
-
-    async def burst():
-        async with httpx.AsyncClient(base_url=server.base, timeout=120) as c:
-            rs = await asyncio.gather(*(c.post("/v1/completions", json={
-                "model": f"{MODEL}:steady", "prompt": f"Name {i} colours:", "max_tokens": 2}) for i in range(16)))
-            return [r.status_code for r in rs]
-
-    assert asyncio.run(burst()) == [200] * 16  # on both replicas, the new one included
+    assert burst(server, f"{MODEL}:steady") == [200] * 16  # on both replicas, the new one included
     assert httpx.delete(server.base + f"/v1/adapters/{MODEL}:steady", timeout=60).status_code == 200
 
 

@@ -434,10 +434,11 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
     free(xb);
 }
 
-/* Every decoder layer of a decode-only step of a few (M <= BF16Linear.GEMV_ROWS) tokens over bfloat16 weights, in one call: the same
- * kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16, lp_rope_f32, the paged decode attention,
- * lp_silu_mul_f32), in the same order, with the same thread counts, so the tokens are bitwise those of the
- * per-op path. What it removes is ~15 Python-level calls per layer (~8 ms of a ~25 ms step on 2 cores).
+/* Every decoder layer of a decode-only step of a few tokens (M <= BF16Linear.GEMV_ROWS) over bfloat16 weights,
+ * in one call: the same kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16, lp_rope_f32, the
+ * paged decode attention, lp_silu_mul_f32), in the same order, with the same thread counts, so the tokens are
+ * bitwise those of the per-op path. What it removes is ~15 Python-level calls per layer (~8 ms of a ~25 ms
+ * step on 2 cores).
  *
  * layers: L rows of LP_LAYER_PTRS addresses (serving.engine.fused_decode builds them once): the qkv, o, gate_up
  * and down weights [N, K] bf16, their float32 biases or 0, the two norms' weights, the layer's K and V caches.

@@ -15,7 +15,10 @@ import torch
 from kernels import cpu_attention, cpu_native
 from serving.engine.linear import BF16Linear
 
-LAYER_PTRS = 12  # lp_decode_layers_bf16's LP_LAYER_PTRS
+
+def _projections(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
 
 
 class FusedDecode:
@@ -36,12 +39,12 @@ class FusedDecode:
         projection that is not a C-backed BF16Linear, norms with different eps)."""
         if cpu_native.lib() is None:
             return None
+        eps = model.layers[0].input_layernorm.eps
         for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if attn.q_norm is not None or not all(isinstance(m, BF16Linear) and m._lib is not None for m in lins):
+            if layer.self_attn.q_norm is not None or not all(
+                    isinstance(m, BF16Linear) and m._lib is not None for m in _projections(layer)):
                 return None
-            if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {model.layers[0].input_layernorm.eps}:
+            if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}:
                 return None
         return cls(model)
 
@@ -51,8 +54,7 @@ class FusedDecode:
             ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
             rows = []
             for layer, (k, v) in zip(self.model.layers, kv_caches):
-                attn, mlp = layer.self_attn, layer.mlp
-                lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                lins = _projections(layer)  # 12 addresses a layer: lp_decode_layers_bf16's LP_LAYER_PTRS
                 rows.append([ptr(m.weight) for m in lins] + [ptr(m.bias) for m in lins]
                             + [ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
                                ptr(k), ptr(v)])
@@ -64,8 +66,8 @@ class FusedDecode:
         if batch.num_prefill_tokens or lora_apply is not None or not 0 < t <= BF16Linear.GEMV_ROWS:
             return False
         k, v = kv_caches[0]
-        q = torch.empty((t, self.hq, self.head_dim))  # only its layout is looked at
-        return cpu_attention.supports(q, k, v, batch.decode_block_tables, batch.decode_seq_lens)
+        return cpu_attention.caches_supported(self.hq, self.head_dim, k, v, batch.decode_block_tables,
+                                              batch.decode_seq_lens)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, kv_caches):
         """(last MLP output, residual stream) after every layer, as the per-op loop returns them."""
@@ -74,10 +76,7 @@ class FusedDecode:
         out = torch.empty_like(residual)
         cos, sin = cos.contiguous(), sin.contiguous()
         slots = batch.slot_mapping.to(torch.int64).contiguous()
-        tables = batch.decode_block_tables
-        if tables.dtype != torch.int32 or tables.stride(1) != 1:
-            tables = tables.to(torch.int32).contiguous()
-        lens = batch.decode_seq_lens.to(torch.int32).contiguous()
+        tables, lens = cpu_attention.c_tables(batch.decode_block_tables, batch.decode_seq_lens)
         k = kv_caches[0][0]
         layers = self._layers(kv_caches)
         rc = cpu_native.lib().lp_decode_layers_bf16(
