@@ -375,6 +375,20 @@ def test_dates_follow_the_calendar(tiny):
         assert (m.accept_string(text) and m.is_completed()) == check.is_valid({"d": day}), day
 
 
+def test_ipv4_addresses_have_no_leading_zeros(tiny):
+    """format: ipv4 as jsonschema's checker (Python's ipaddress) takes it: xgrammar's own let "86.76.86.048"
+    through (hypothesis found it)."""
+    import xgrammar as xgr
+
+    schema = {"type": "string", "format": "ipv4"}
+    check = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    compiled = tiny.grammars.compile(spec(schema))
+    for ip in ["86.76.86.48", "0.0.0.0", "255.255.255.255", "10.0.12.9", "86.76.86.048", "01.2.3.4",
+               "256.1.1.1", "1.2.3", "1.2.3.4.5"]:
+        m = xgr.GrammarMatcher(compiled)
+        assert (m.accept_string(json.dumps(ip)) and m.is_completed()) == check.is_valid(ip), ip
+
+
 def test_no_raw_control_characters_in_json_strings(tiny):
     """xgrammar 0.2.9's length-bounded strings let raw control characters in (invalid JSON); grammar.py fixes it.
     Checked on plain strings, keys, and inside a tool call."""

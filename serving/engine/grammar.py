@@ -179,37 +179,41 @@ def apply_bitmask_cpu(logits: torch.Tensor, mask: torch.Tensor) -> None:
     logits.masked_fill_(torch.from_numpy(disallowed).view(torch.bool), float("-inf"))
 
 
-# `format: date` as the calendar has it (years 0001-9999, month lengths, Feb 29 in leap years only):
-# xgrammar 0.2.9's date grammar takes any day 01-31 in any month, so "2024-11-31" got through (jsonschema's
-# format check, as Python's date.fromisoformat, rejects it).
+# Formats xgrammar 0.2.9 enforces too loosely, as exact patterns. `format: date` as the calendar has it (years
+# 0001-9999, month lengths, Feb 29 in leap years only): xgrammar's date grammar takes any day 01-31 in any
+# month, so "2024-11-31" got through (jsonschema's format check, as Python's date.fromisoformat, rejects it).
 _YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
 _LEAP = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
 _MONTH_DAY = "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))"
 DATE_PATTERN = f"^({_YEAR}-{_MONTH_DAY}|{_LEAP}-02-29)$"
+# `format: ipv4` without leading zeros: xgrammar's took "86.76.86.048", which Python's ipaddress (jsonschema's
+# check) refuses
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+IPV4_PATTERN = f"^{_OCTET}(\\.{_OCTET}){{3}}$"
+EXACT_FORMATS = {"date": DATE_PATTERN, "ipv4": IPV4_PATTERN}
 
 
-def _exact_dates(node):
-    """The schema with every `format: date` replaced by DATE_PATTERN (schema_check refuses pattern beside
-    format, so there is never a pattern to merge with)."""
+def _exact_formats(node):
+    """The schema with every format of EXACT_FORMATS replaced by its pattern (schema_check refuses pattern
+    beside format, so there is never a pattern to merge with)."""
     if isinstance(node, list):
-        return [_exact_dates(v) for v in node]
+        return [_exact_formats(v) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _exact_dates(v) for k, v in node.items()}
-    if out.get("format") == "date" and "pattern" not in out:
-        del out["format"]
-        out["pattern"] = DATE_PATTERN
+    out = {k: _exact_formats(v) for k, v in node.items()}
+    if out.get("format") in EXACT_FORMATS and "pattern" not in out:
+        out["pattern"] = EXACT_FORMATS[out.pop("format")]
     return out
 
 
 def _json_grammar(schema):
-    """xgrammar's compact JSON grammar for a schema, with two fixes: exact dates (DATE_PATTERN), and in xgrammar
-    0.2.9 a string with minLength or maxLength takes any character but quote, backslash, CR and LF, so raw
-    control characters (invalid JSON: a tiny model produced one) get through; those strings get JSON's own
-    character class instead."""
+    """xgrammar's compact JSON grammar for a schema, with two fixes: exact dates and IPv4 addresses
+    (EXACT_FORMATS), and in xgrammar 0.2.9 a string with minLength or maxLength takes any character but quote,
+    backslash, CR and LF, so raw control characters (invalid JSON: a tiny model produced one) get through; those
+    strings get JSON's own character class instead."""
     import xgrammar as xgr
 
-    text = json.dumps(_exact_dates(schema) if '"date"' in json.dumps(schema) else schema)
+    text = json.dumps(_exact_formats(schema))
     grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False)
     if "Length" in text:  # the printed grammar is only re-parsed where such a string can be
         ebnf = str(grammar)
