@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -100,6 +101,31 @@ def test_allow_list_and_roles(srv):
                          headers={"Authorization": f"Bearer {trainer}"}).status_code == 202
     assert srv.admin("POST", "/v1/adapters", json={"name": "new-lora"}).status_code == 201
     assert srv.admin("DELETE", "/v1/adapters/new-lora").status_code == 200
+
+
+def test_me_teams_and_policy_views_follow_the_role(srv):
+    """What the portal reads to decide its views: /v1/me never shows a secret; teams and policy are admin-only."""
+    user, uid = srv.key(name="portal-user", team="apps", role="user", budget_usd=2, budget_period="day")
+    auth = {"Authorization": f"Bearer {user}"}
+    me = srv.http.get("/v1/me", headers=auth)
+    assert me.status_code == 200, me.text
+    body = me.json()
+    assert (body["key_id"], body["role"], body["team"], body["anonymous"]) == (uid, "user", "apps", False)
+    assert body["auth_required"] and body["keys_exist"] and user not in me.text and "hash" not in body
+    assert body["budget"]["budget_usd"] == 2 and body["budget"]["period"] == "day"
+    assert srv.admin("GET", "/v1/me").json()["role"] == "admin"
+    assert srv.http.get("/v1/me").status_code == 401
+    for path in ("/v1/admin/teams", "/v1/admin/policy"):
+        denied = srv.http.get(path, headers=auth)
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_role", path
+    teams = {t["name"]: t for t in srv.admin("GET", "/v1/admin/teams").json()["data"]}
+    assert teams["apps"]["keys"] >= 1 and teams["apps"]["active_keys"] >= 1 and not teams["apps"]["configured"]
+    assert teams["ops"]["budget"] is None and teams["ops"]["limits"] == {"rpm": None, "tpm": None, "max_parallel": None}
+    policy = srv.admin("GET", "/v1/admin/policy").json()
+    assert policy["pii_keys"]["pii-block"]["prompt"] == "block" and policy["pii"]["prompt"] == "allow"
+    chat(srv.client(user))
+    hourly = srv.http.get("/v1/usage", params={"group_by": "hour"}, headers=auth).json()["data"]
+    assert len(hourly) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d", hourly[0]["hour"]) and hourly[0]["requests"] == 1
 
 
 def test_revoked_and_expired_keys_get_401(srv):

@@ -160,6 +160,40 @@ def build_router(manager: JobManager | None = None) -> APIRouter:
         data, has_more = res
         return {"object": "list", "data": data, "has_more": has_more}
 
+    @router.post("/v1/fine_tuning/validate")
+    async def validate(request: Request):
+        """{"config": YAML text or an object} -> {"valid", "errors": [{"path", "message"}]}, as the job would
+        see it (its dataset comes from training_file, so a config without `datasets` is not an error here)."""
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_response(f"the request body is not valid JSON: {exc}")
+        if not isinstance(body, dict) or "config" not in body:
+            return error_response("send {\"config\": <YAML text or an object>}", param="config")
+        return {"object": "fine_tuning.config_check", **config_errors(body["config"])}
+
+    @router.get("/v1/fine_tuning/template")
+    async def template(model: str | None = None):
+        """A small, valid config to start from (the portal's editor)."""
+        return {"object": "fine_tuning.template", "config": TEMPLATE.format(model=model or "smollm2-135m-instruct")}
+
+    @router.get("/v1/fine_tuning/jobs/{job_id}/evaluation")
+    async def evaluation(job_id: str):
+        """The job's metrics next to the current champion's (models:/<its registered name>@champion)."""
+        return await call(_evaluation, mgr(), job_id)
+
+    @router.post("/v1/fine_tuning/jobs/{job_id}/promote")
+    async def promote(job_id: str, request: Request):
+        """Point an alias (default champion) at the job's registered adapter version (admins only)."""
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_response(f"the request body is not valid JSON: {exc}")
+        alias = body.get("alias", "champion") if isinstance(body, dict) else None
+        if not isinstance(alias, str) or not alias:
+            return error_response("alias must be a non-empty string", param="alias")
+        return await call(_promote, mgr(), job_id, alias)
+
     return router
 
 
@@ -170,3 +204,94 @@ def make_app(manager: JobManager | None = None):
     app = FastAPI(title="loraplex fine-tuning")
     app.include_router(build_router(manager))
     return app
+
+
+TEMPLATE = """\
+# A LoRA fine-tune; the dataset is the uploaded training file.
+base_model: {model}
+lora_r: 8
+lora_alpha: 16
+lora_target_modules: [q_proj, v_proj]
+max_steps: 20
+micro_batch_size: 2
+learning_rate: 0.0002
+sequence_len: 512
+num_sample_generations: 0
+"""
+
+
+def config_errors(config) -> dict:
+    """{"valid", "errors": [{"path": "lora_r", "message": ...}], "config": the parsed mapping when valid} for a
+    YAML text or a mapping."""
+    import yaml
+    from pydantic import ValidationError
+
+    from training.config import TrainConfig
+
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            return {"valid": False, "config": None, "errors": [{"path": "(yaml)", "message": f"{where}not valid "
+                                                                f"YAML: {getattr(exc, 'problem', None) or exc}"}]}
+    if not isinstance(config, dict):
+        return {"valid": False, "config": None,
+                "errors": [{"path": "(config)", "message": "the config must be a mapping of keys to values"}]}
+    data = dict(config)
+    data.setdefault("datasets", [{"path": "training_file.jsonl"}])
+    try:
+        TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            errors.append({"path": ".".join(str(p) for p in err["loc"]) or "(config)",
+                           "message": "unknown key" if err["type"] == "extra_forbidden" else msg})
+        return {"valid": False, "errors": errors, "config": None}
+    return {"valid": True, "errors": [], "config": config}
+
+
+def _run_metrics(run_id: str | None) -> dict:
+    from training.tracking import client, tracking_uri
+
+    if not run_id:
+        return {}
+    return dict(client(tracking_uri()).get_run(run_id).data.metrics)
+
+
+def _evaluation(manager: JobManager, job_id: str) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking import client, tracking_uri
+
+    job = manager.get_job(job_id)
+    if job["status"] != "succeeded" or not job.get("model_uri"):
+        raise JobError(f"job {job_id} has no registered adapter yet (status {job['status']})",
+                       param="fine_tuning_job_id", code="job_not_succeeded", status=409)
+    name = job["fine_tuned_model"]
+    candidate = {"model_uri": job["model_uri"], "version": job["model_uri"].rsplit("/", 1)[-1],
+                 "metrics": _run_metrics(job.get("mlflow_run_id"))}
+    champion = None
+    try:
+        mv = client(tracking_uri()).get_model_version_by_alias(name, "champion")
+        champion = {"model_uri": f"models:/{name}@champion", "version": str(mv.version),
+                    "metrics": _run_metrics(mv.run_id)}
+    except MlflowException:
+        pass  # no champion yet: this job's adapter would be the first
+    return {"object": "fine_tuning.evaluation", "job_id": job_id, "registered_model": name,
+            "candidate": candidate, "champion": champion}
+
+
+def _promote(manager: JobManager, job_id: str, alias: str) -> dict:
+    from training.tracking import client, tracking_uri
+
+    ev = _evaluation(manager, job_id)
+    bad = [e["message"] for e in config_errors({"register_as": "x", "alias": alias})["errors"]]
+    if bad:
+        raise JobError(f"alias: {bad[0]}", param="alias")
+    name, version = ev["registered_model"], ev["candidate"]["version"]
+    client(tracking_uri()).set_registered_model_alias(name, alias, version)
+    return {"object": "fine_tuning.promotion", "job_id": job_id, "registered_model": name, "version": version,
+            "alias": alias, "model_uri": f"models:/{name}@{alias}", "base_model": manager.get_job(job_id)["model"]}

@@ -98,3 +98,42 @@ def adapter_base_model(folder: str | Path) -> str | None:
     """base_model_name_or_path from a PEFT folder (our served name, an HF id or a folder)."""
     cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
     return cfg.get("base_model_name_or_path")
+
+
+def adapter_lineage(source: str, uri: str | None = None) -> dict | None:
+    """Where a registry adapter came from: version, aliases, who registered it and when, its run, base model,
+    datasets and final metrics. None for sources that are not `models:/...`."""
+    m = _MODELS.match(source)
+    if not m:
+        return None
+    uri = uri or tracking_uri()
+    c = client(uri)
+    name = m["name"]
+    mv = c.get_model_version_by_alias(name, m["alias"]) if m["alias"] else c.get_model_version(name, m["version"])
+    aliases = sorted(c.get_registered_model(name).aliases)
+    out = {"registered_model": name, "version": str(mv.version),
+           "aliases": [a for a in aliases if str(c.get_model_version_by_alias(name, a).version) == str(mv.version)],
+           "registered_by": mv.user_id or None, "registered_at": (mv.creation_timestamp or 0) / 1000 or None,
+           "run_id": mv.run_id, "base_model": None, "dataset": None, "dataset_hash": None, "metrics": {}}
+    if mv.run_id:
+        run = c.get_run(mv.run_id)
+        tags, params = run.data.tags, run.data.params
+        out["base_model"] = tags.get("base_model") or params.get("base_model")
+        out["dataset_hash"] = tags.get("dataset_hash")
+        out["dataset"] = _dataset_names(params.get("datasets"))
+        out["experiment_id"] = run.info.experiment_id
+        out["registered_by"] = out["registered_by"] or tags.get("mlflow.user")
+        out["metrics"] = {k: v for k, v in run.data.metrics.items()
+                          if k.startswith(("eval_", "train_loss", "loss"))}
+    return out
+
+
+def _dataset_names(param: str | None) -> str | None:
+    """The `datasets` run param (a JSON list of {path, type}) as the file names, comma-separated."""
+    if not param:
+        return None
+    try:
+        specs = json.loads(param)
+        return ", ".join(Path(d["path"]).name for d in specs if isinstance(d, dict) and d.get("path")) or None
+    except (ValueError, TypeError, KeyError):
+        return param

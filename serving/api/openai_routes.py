@@ -1,11 +1,12 @@
-"""The FastAPI app of the gateway: the endpoint modules mounted on OpenAI's paths, /health, /ready, /metrics."""
+"""The FastAPI app of the gateway: the endpoint modules mounted on OpenAI's paths, /health, /ready, /metrics,
+the portal's JSON views (/v1/catalog, /v1/operations) and the portal itself at /ui."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api import chat, completions, embeddings, models, responses
+from serving.api import catalog, chat, completions, embeddings, models, responses
 from serving.api.errors import install_error_handlers
 from serving.api.metrics import CONTENT_TYPE
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -42,6 +43,14 @@ def create_app(core) -> FastAPI:
     async def get_model(model_id: str, request: Request):
         return await models.get_model(core, model_id, request)
 
+    @app.get("/v1/catalog")
+    async def get_catalog(request: Request):
+        return await catalog.catalog(core, request)
+
+    @app.get("/v1/operations")
+    async def get_operations(request: Request):
+        return await catalog.operations(core, request)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         result, headers = await chat.handle(core.pipeline, body, request)
@@ -75,6 +84,9 @@ def create_app(core) -> FastAPI:
 
     for router in core.extra_routers:
         app.include_router(router)
+    from serving.ui import mount
+
+    mount(app)  # the portal at /ui: static files; every call it makes goes to the routes above
     return app
 
 

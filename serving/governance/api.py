@@ -117,7 +117,7 @@ def governance_router(gov: Governance) -> APIRouter:
     def usage(request: Request, group_by: str = "team", since: str | None = None, until: str | None = None,
               key_id: str | None = None, team: str | None = None, model: str | None = None,
               adapter: str | None = None) -> dict:
-        """Spend and tokens by any of key_id, team, model, adapter, route, day, month. Non-admins see their key."""
+        """Spend and tokens by any of key_id, team, model, adapter, route, hour, day, month. Non-admins see their key."""
         p = principal(request)
         groups = [g.strip() for g in group_by.split(",") if g.strip()]
         unknown = [g for g in groups if g not in GROUPS]
@@ -135,6 +135,45 @@ def governance_router(gov: Governance) -> APIRouter:
         if p.budget is not None and key_id == p.key_id:
             out["budget"] = gov.budgets.status(key_id=p.key_id, budget=p.budget)
         return out
+
+    @router.get("/v1/me")
+    def me(request: Request) -> dict:
+        """Who this key is (never its secret): what the portal shows and which views it offers."""
+        p = principal(request)
+        out: dict[str, Any] = {"object": "principal", "key_id": p.key_id, "name": p.name, "team": p.team,
+                               "role": p.role, "anonymous": p.anonymous, "allow": p.allow,
+                               "expires_at": p.expires_at, "auth_required": gov.auth_required(),
+                               "keys_exist": gov.keys.any_keys(), "budget": None}
+        if p.budget is not None:
+            out["budget"] = gov.budgets.status(key_id=p.key_id, budget=p.budget)
+        return out
+
+    @router.get("/v1/admin/teams")
+    def teams(request: Request) -> dict:
+        """Teams of the config and of the keys: limits, budget and its burn this period, key counts."""
+        principal(request, "admin")
+        keys = gov.keys.list(include_inactive=True)
+        names = sorted(set(gov.config.teams) | {k.team for k in keys})
+        data = []
+        for name in names:
+            policy = gov.config.teams.get(name)
+            budget = policy.budget if policy else None
+            data.append({"name": name, "configured": policy is not None,
+                         "limits": (policy.limits if policy else Limits()).model_dump(),
+                         "budget": gov.budgets.status(team=name, budget=budget) if budget else None,
+                         "keys": sum(k.team == name for k in keys),
+                         "active_keys": sum(k.team == name and k.status == "active" for k in keys)})
+        return {"object": "list", "data": data}
+
+    @router.get("/v1/admin/policy")
+    def policy(request: Request) -> dict:
+        """The PII policy in force: the default, per route glob and per key (read from the config)."""
+        principal(request, "admin")
+        cfg = gov.config
+        return {"object": "policy", "pii": cfg.pii.model_dump(),
+                "pii_routes": {k: v.model_dump() for k, v in cfg.pii_routes.items()},
+                "pii_keys": {k: v.model_dump() for k, v in cfg.pii_keys.items()},
+                "default_limits": cfg.default_limits.model_dump(), "log_content": cfg.audit.log_content}
 
     @router.get("/v1/admin/audit")
     def audit(request: Request, since: str | None = None, until: str | None = None, key_id: str | None = None,

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
     u = subparsers.add_parser("usage", help="spend and tokens by key, team, model, adapter over a period")
     _common(u)
-    u.add_argument("--by", default="team", help="comma-separated: key_id, team, model, adapter, route, day, month")
+    u.add_argument("--by", default="team", help="comma-separated: key_id, team, model, adapter, route, hour, day, month")
     u.add_argument("--since", help="ISO date/time or an age such as 7d (default: all time)")
     u.add_argument("--until")
     for name in ("key_id", "team", "model", "adapter"):

@@ -30,6 +30,7 @@ BUILTIN_ROUTE_ROLES = [
     ("*", "/v1/adapters*", "admin"),  # load / unload
     ("*", "/v1/load_lora_adapter", "admin"),
     ("*", "/v1/unload_lora_adapter", "admin"),
+    ("*", "/v1/fine_tuning/jobs/*/promote", "admin"),  # moves a registry alias that serving may load
     ("*", "/v1/fine_tuning*", "trainer"),
     ("*", "/v1/files*", "trainer"),
 ]

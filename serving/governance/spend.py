@@ -10,7 +10,8 @@ from typing import Any, Iterable
 from serving.governance.db import Database
 
 GROUPS = {"key_id": "key_id", "team": "team", "model": "model", "adapter": "adapter", "route": "route",
-          "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "month": "strftime('%Y-%m', ts, 'unixepoch')"}
+          "hour": "strftime('%Y-%m-%dT%H', ts, 'unixepoch')", "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+          "month": "strftime('%Y-%m', ts, 'unixepoch')"}
 
 
 def period_bounds(period: str, now: float) -> tuple[float, float]:
@@ -57,7 +58,7 @@ class UsageLedger:
     def usage(self, group_by: Iterable[str] = ("team",), *, since: float | None = None,
               until: float | None = None, key_id: str | None = None, team: str | None = None,
               model: str | None = None, adapter: str | None = None) -> list[dict[str, Any]]:
-        """Spend and tokens grouped by any of key_id, team, model, adapter, route, day, month."""
+        """Spend and tokens grouped by any of key_id, team, model, adapter, route, hour, day, month (UTC)."""
         group_by = list(group_by)
         unknown = [g for g in group_by if g not in GROUPS]
         if unknown:

@@ -212,6 +212,12 @@ def build_router(service, prefix: str = "/v1") -> APIRouter:
     async def list_documents(name: str):
         return await call("list_documents", name)
 
+    @router.get("/collections/{name}/chunks")
+    @endpoint
+    async def document_chunks(name: str, document_id: str = ""):
+        """A document's chunks (document_id is a query parameter: ids may contain '/')."""
+        return await call("document_chunks", name, document_id)
+
     @router.delete("/collections/{name}/documents/{doc_id:path}")
     @endpoint
     async def delete_document(name: str, doc_id: str):

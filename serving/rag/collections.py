@@ -327,6 +327,21 @@ class CollectionService:
              "chars": d["chars"], "chunks": d["chunks"], "content_hash": d["content_hash"],
              "created_at": d["created_at"], "updated_at": d["updated_at"]} for d in docs]}
 
+    def document_chunks(self, name: str, doc_id: str) -> dict:
+        """A document's chunks in order: id (what citations name as chunk_id), text and character span."""
+        check_doc_id(doc_id, "document_id")
+        self.store.get_collection(name)
+        ids = self.store.chunk_ids_for_documents(name, [doc_id])
+        if not ids:
+            docs = {d["doc_id"] for d in self.store.documents(name)}
+            if doc_id not in docs:
+                raise DocumentNotFoundError(f"document {doc_id!r} does not exist in collection {name!r}",
+                                            param="document_id")
+        rows = sorted(self.store.chunks(ids).values(), key=lambda r: r["position"])
+        return {"object": "list", "collection": name, "document_id": doc_id, "data": [
+            {"object": "chunk", "id": r["id"], "position": r["position"], "text": r["text"], "start": r["start"],
+             "end": r["end"], "heading": r["heading"]} for r in rows]}
+
     # ---- query ---------------------------------------------------------------------------------------
     def query(self, name: str, query: str | None = None, k: int = 5, filter: dict | None = None,
               embedding: list[float] | None = None) -> dict:

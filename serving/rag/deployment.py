@@ -48,6 +48,9 @@ class Retriever:
     def delete_document(self, name, doc_id):
         return self.service.delete_document(name, doc_id)
 
+    def document_chunks(self, name, doc_id):
+        return self.service.document_chunks(name, doc_id)
+
     def query(self, name, query=None, k=5, filter=None, embedding=None):
         return self.service.query(name, query, k=k, filter=filter, embedding=embedding)
 
