@@ -213,6 +213,7 @@ lora_r: 8
 lora_alpha: 16
 lora_target_modules: [q_proj, v_proj]
 max_steps: 20
+val_set_size: 0.2            # held out for the eval the portal compares with the champion's
 micro_batch_size: 2
 learning_rate: 0.0002
 sequence_len: 512

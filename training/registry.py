@@ -124,7 +124,7 @@ def adapter_lineage(source: str, uri: str | None = None) -> dict | None:
         out["experiment_id"] = run.info.experiment_id
         out["registered_by"] = out["registered_by"] or tags.get("mlflow.user")
         out["metrics"] = {k: v for k, v in run.data.metrics.items()
-                          if k.startswith(("eval_", "train_loss", "loss"))}
+                          if k.startswith("eval_") or k == "loss"}
     return out
 
 

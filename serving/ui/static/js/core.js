@@ -136,7 +136,11 @@ export function copyButton(text) {
 
 // ---- formats
 export const fmt = {
-  usd(v) { return v === null || v === undefined ? "–" : "$" + (Math.abs(v) < 0.01 && v !== 0 ? v.toPrecision(3) : v.toFixed(2)); },
+  usd(v) {  // cents, or three significant digits below a cent (self-hosted tokens are cheap), never 1e-5
+    if (v === null || v === undefined) return "–";
+    if (v === 0 || Math.abs(v) >= 0.01) return "$" + v.toFixed(2);
+    return "$" + v.toFixed(Math.min(12, 2 - Math.floor(Math.log10(Math.abs(v)))));
+  },
   ms(v) { return v === null || v === undefined ? "–" : `${v < 10 ? v.toFixed(1) : Math.round(v)} ms`; },
   pct(v) { return v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)}%`; },
   int(v) { return v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US"); },
@@ -154,6 +158,11 @@ export function table(rows, columns, { name = "table", height, layout = "fitData
     placeholder: "Nothing yet", pagination: rows.length > 25, paginationSize: 25 };
   if (height) opts.height = height;
   const t = new Tabulator(holder, opts);
+  // Built while detached (a view still awaiting data), it measured nothing: lay it out once it is shown.
+  t.on("tableBuilt", () => {
+    const fit = () => (holder.isConnected ? t.redraw(true) : requestAnimationFrame(fit));
+    if (!holder.isConnected) requestAnimationFrame(fit);
+  });
   if (onRowClick) t.on("rowClick", (e, row) => onRowClick(row.getData()));
   csv.addEventListener("click", () => t.download("csv", `${name}.csv`));
   box.tabulator = t;

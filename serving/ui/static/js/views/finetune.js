@@ -128,14 +128,14 @@ export async function render(el, params) {
   async function evaluation(job, out) {
     const ev = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/evaluation`);
     const names = [...new Set([...Object.keys(ev.candidate.metrics), ...Object.keys((ev.champion || {}).metrics || {})])]
-      .filter(k => k.startsWith("eval_") || k === "train_loss").sort();
+      .filter(k => k.startsWith("eval_") || k === "loss").sort();
     const rows = names.map(k => ({ metric: k, candidate: ev.candidate.metrics[k], champion: ev.champion ? ev.champion.metrics[k] : null }));
     const alias = h("input", { id: "ft-alias", value: "champion" });
     const promote = h("button", { type: "button", id: "ft-promote" }, "Promote and load into serving");
     const pOut = h("div", { id: "ft-promote-out" });
     action(promote, async () => {
       const p = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/promote`, { method: "POST", body: { alias: alias.value } });
-      const loaded = await api("/v1/adapters", { method: "POST", body: { name: p.registered_model, source: p.model_uri, base: p.base_model, force: true } });
+      const loaded = await api("/v1/adapters", { method: "POST", body: { name: p.registered_model, source: p.model_uri, base: p.base_model } });
       clear(pOut, h("p.ok", `${p.model_uri} → version ${p.version}; serving it as ${loaded.id || p.registered_model}.`));
     }, pOut);
     clear(out, h("h2", `Evaluation: ${ev.registered_model} v${ev.candidate.version} against ${ev.champion ? "champion v" + ev.champion.version : "no champion yet"}`),

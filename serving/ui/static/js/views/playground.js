@@ -90,7 +90,7 @@ export async function render(el) {
       h("span.served", `model ${routed || servedBy || model.value}`), " · ",
       h("span.ttft", `TTFT ${fmt.ms(ttft)}`), " · ",
       h("span.tokens", usage ? `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens` : "tokens –"), " · ",
-      h("span.cost", `cost ${cost === null ? "–" : "$" + cost.toPrecision(3)}`),
+      h("span.cost", `cost ${cost === null ? "–" : "$" + cost.toPrecision(4)}`),
       finish ? ` · finish ${finish}` : "",
       decision ? h("div.decision", `router: ${decision}`) : null);
     if (citations && citations.length) {

@@ -23,7 +23,7 @@ function stackedBars(rows, group, label) {
     data: periods.map(p => rows.filter(r => r.period === p && (r[group] || "(none)") === g)
       .reduce((a, r) => a + (r.cost_usd || 0), 0)) }));
   return chart({ type: "bar", data: { labels: periods, datasets },
-    options: { scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "USD" } } } } },
+    options: { scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "USD" }, ticks: { callback: fmt.usd } } } } },
     { label });
 }
 
@@ -79,7 +79,7 @@ async function burnDown(subject, budget) {
       { label: "spent", data: spent, borderColor: color(0), backgroundColor: color(0), spanGaps: true },
       { label: "projection", data: projected, borderColor: color(4), borderDash: [6, 4], pointRadius: 0 },
       { label: "budget", data: labels.map(() => budget.budget_usd), borderColor: color(2), pointRadius: 0 }] },
-      options: { scales: { y: { beginAtZero: true, title: { display: true, text: "USD" } } } } },
+      options: { scales: { y: { beginAtZero: true, title: { display: true, text: "USD" }, ticks: { callback: fmt.usd } } } } },
       { label: `budget burn-down of ${scope} ${value}`, height: 200 }),
   };
 }
@@ -117,6 +117,7 @@ export async function render(el) {
     const adoptRows = Object.values(perTeamDay).sort((a, b) => a.day.localeCompare(b.day) || a.team.localeCompare(b.team));
     const days = [...new Set(adoptRows.map(r => r.day))];
     const teams = [...new Set(adoptRows.map(r => r.team))];
+    const budgetPart = await budgets();
     clear(out,
       h("div.card.row", { id: "spend-totals" },
         h("div.stat", h("b", { id: "spend-total" }, fmt.usd(sum)), h("span.muted", "spend")),
@@ -144,7 +145,7 @@ export async function render(el) {
         { title: "requests", field: "requests", hozAlign: "right" }, { title: "tokens", field: "tokens", hozAlign: "right" },
         { title: "active keys", field: "active_keys", hozAlign: "right" },
         { title: "cost", field: "cost_usd", formatter: money, hozAlign: "right" }], { name: "adoption" }),
-      await budgets());
+      budgetPart);
   }
 
   async function budgets() {
