@@ -102,7 +102,8 @@ def cmd_serve(args) -> int:
         serve.start(http_options=http, proxy_location=cfg.server.proxy_location)
         print(f"loraplex: deploying {', '.join(m.name for m in cfg.models)} ...", flush=True)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"loraplex: serving http://{cfg.server.host}:{cfg.server.port}/v1 (Ctrl-C to stop)", flush=True)
+        url = f"http://{cfg.server.host}:{cfg.server.port}"
+        print(f"loraplex: serving {url}/v1, the portal at {url}/ui (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
