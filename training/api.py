@@ -177,6 +177,12 @@ def build_router(manager: JobManager | None = None) -> APIRouter:
         """A small, valid config to start from (the portal's editor)."""
         return {"object": "fine_tuning.template", "config": TEMPLATE.format(model=model or "smollm2-135m-instruct")}
 
+    @router.get("/v1/fine_tuning/jobs/{job_id}/config")
+    async def job_config(job_id: str):
+        """A finished or running job's config (YAML), to start another job from."""
+        text = await call(mgr().job_config, job_id)
+        return text if isinstance(text, JSONResponse) else {"object": "fine_tuning.template", "config": text}
+
     @router.get("/v1/fine_tuning/jobs/{job_id}/evaluation")
     async def evaluation(job_id: str):
         """The job's metrics next to the current champion's (models:/<its registered name>@champion)."""

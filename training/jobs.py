@@ -293,6 +293,16 @@ class JobManager:
     def get_job(self, job_id: str) -> dict:
         return public_job(json.loads((self._job_dir(job_id) / "job.json").read_text()))
 
+    def job_config(self, job_id: str) -> str:
+        """The job's training config as YAML, less what each job sets itself (datasets, output_dir, the
+        registered name), to start a new job from."""
+        import yaml
+
+        cfg = yaml.safe_load((self._job_dir(job_id) / "config.yaml").read_text()) or {}
+        for key in ("datasets", "eval_datasets", "output_dir", "register_as"):
+            cfg.pop(key, None)
+        return yaml.safe_dump(cfg, sort_keys=False)
+
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         jobs = [json.loads(p.read_text()) for p in self.jobs_dir.glob("*/job.json")]
         jobs.sort(key=lambda j: (j["created_at"], j["id"]), reverse=True)

@@ -58,7 +58,7 @@ function banner() {
 
 function nav() {
   const n = document.getElementById("nav");
-  clear(n, Object.entries(VIEWS).filter(([, v]) => role(v[2]))
+  clear(n, Object.entries(VIEWS).filter(([name, v]) => role(v[2]) && (name !== "admin" || session.me.governance))
     .map(([name, [title]]) => h("a", { href: `#/${name}`, dataset: { view: name } }, title)));
   const who = document.getElementById("who");
   const me = session.me;

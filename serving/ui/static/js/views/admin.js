@@ -117,7 +117,7 @@ async function audit(el) {
   action(go, async () => {
     const q = new URLSearchParams({ limit: "1000" });
     for (const [k, input] of Object.entries(f)) if (input.value.trim()) q.set(k, input.value.trim());
-    const data = (await api(`/v1/admin/audit?${q}`)).data;
+    const data = (await api(`/v1/admin/audit?${q}`)).data.reverse();  // newest first
     clear(out, table(data.map(r => ({ ...r, when: fmt.time(r.ts || r.time), cost: r.cost_usd })), [
       { title: "time", field: "when" }, { title: "event", field: "event" }, { title: "request", field: "request_id" },
       { title: "key", field: "key_id" }, { title: "team", field: "team" }, { title: "route", field: "route" },

@@ -50,12 +50,15 @@ export async function render(el, params) {
   }
   editor.addEventListener("input", () => { clearTimeout(pending); pending = setTimeout(() => validate().catch(e => clear(check, errorBox(e))), 250); });
 
+  // Start from: the template, or the config of an earlier job (to run it again with changes).
+  const pick = h("select", { id: "ft-pick" }, h("option", { value: "" }, "the template"));
   async function template() {
-    editor.value = (await api(`/v1/fine_tuning/template?model=${encodeURIComponent(model.value)}`)).config;
+    const path = pick.value ? `/v1/fine_tuning/jobs/${encodeURIComponent(pick.value)}/config`
+      : `/v1/fine_tuning/template?model=${encodeURIComponent(model.value)}`;
+    editor.value = (await api(path)).config;
     await validate();
   }
-  const reset = h("button.secondary", { type: "button" }, "Start from the template");
-  action(reset, template, check);
+  pick.addEventListener("change", () => template().catch(e => clear(check, errorBox(e))));
 
   action(launch, async () => {
     if (!fileSel.value) throw new Error("upload or choose a training file first");
@@ -68,6 +71,9 @@ export async function render(el, params) {
 
   async function list() {
     const data = (await api("/v1/fine_tuning/jobs?limit=50")).data;
+    const keep = pick.value;
+    clear(pick, h("option", { value: "" }, "the template"), data.map(j => h("option", { value: j.id }, `job ${j.id} (${j.status})`)));
+    pick.value = keep;
     clear(jobs, table(data.map(j => ({ ...j, created: fmt.time(j.created_at) })), [
       { title: "job", field: "id" }, { title: "status", field: "status" }, { title: "base", field: "model" },
       { title: "adapter", field: "fine_tuned_model" }, { title: "created", field: "created" }],
@@ -150,7 +156,7 @@ export async function render(el, params) {
     h("div.card", h("h2", "1. Training data"), field("JSONL file (chat, alpaca or completion records)", file), upload, upOut,
       field("Training file", fileSel), h("h2", "2. Job"), field("Base model", model), field("Name suffix", suffix),
       launch, launchOut),
-    h("div.card", h("div.row", h("h2", "Config"), reset), editor, check)),
+    h("div.card", h("div.row", h("h2", "Config"), field("Start from", pick)), editor, check)),
     h("h2", "Jobs"), jobs, detail);
   await Promise.all([files(), list(), template()]);
   if (params.job) await show(params.job);
