@@ -113,6 +113,9 @@ def test_me_teams_and_policy_views_follow_the_role(srv):
     assert (body["key_id"], body["role"], body["team"], body["anonymous"]) == (uid, "user", "apps", False)
     assert body["auth_required"] and body["keys_exist"] and user not in me.text and "hash" not in body
     assert body["budget"]["budget_usd"] == 2 and body["budget"]["period"] == "day"
+    assert body["budget"]["resets_at"] - body["budget"]["starts_at"] == 86400 and body["budget"]["starts_at"] % 86400 == 0
+    listed = {k["id"]: k for k in srv.admin("GET", "/v1/admin/keys").json()["data"]}
+    assert listed[uid]["budget_status"] == body["budget"]  # what an admin sees of another key's budget
     assert srv.admin("GET", "/v1/me").json()["role"] == "admin"
     assert srv.http.get("/v1/me").status_code == 401
     for path in ("/v1/admin/teams", "/v1/admin/policy"):

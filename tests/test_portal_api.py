@@ -3,6 +3,7 @@ views it reads (/v1/me, /v1/admin/teams, /v1/admin/policy, fine-tuning config ch
 behind /v1/operations, and that the wheel would carry every file the page loads."""
 
 import hashlib
+import posixpath
 import re
 import zipfile
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_every_module_and_asset_the_page_loads_exists_and_vendored_files_match_t
         seen.add(path)
         src = (STATIC / path).read_text()
         for rel in re.findall(r'from "(\.{1,2}/[^"]+)"', src):
-            target = _norm(f"{Path(path).parent.as_posix()}/{rel}")
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(path), rel))
             assert (STATIC / target).is_file(), f"{path} imports missing {rel}"
             if target not in seen:
                 todo.append(target)
@@ -67,16 +68,6 @@ def test_every_module_and_asset_the_page_loads_exists_and_vendored_files_match_t
     for line in (STATIC / "vendor" / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split()
         assert hashlib.sha256((STATIC / "vendor" / name).read_bytes()).hexdigest() == digest, name
-
-
-def _norm(path: str) -> str:
-    parts: list[str] = []
-    for p in path.split("/"):
-        if p == "..":
-            parts.pop()
-        elif p not in ("", "."):
-            parts.append(p)
-    return "/".join(parts)
 
 
 def test_the_page_never_assigns_html_built_from_data():

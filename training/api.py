@@ -233,7 +233,7 @@ def config_errors(config) -> dict:
     import yaml
     from pydantic import ValidationError
 
-    from training.config import TrainConfig
+    from training.config import TrainConfig, error_list
 
     if isinstance(config, str):
         try:
@@ -251,12 +251,8 @@ def config_errors(config) -> dict:
     try:
         TrainConfig.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            errors.append({"path": ".".join(str(p) for p in err["loc"]) or "(config)",
-                           "message": "unknown key" if err["type"] == "extra_forbidden" else msg})
-        return {"valid": False, "errors": errors, "config": None}
+        return {"valid": False, "config": None,
+                "errors": [{"path": path, "message": msg} for path, msg in error_list(exc)]}
     return {"valid": True, "errors": [], "config": config}
 
 
@@ -268,18 +264,22 @@ def _run_metrics(run_id: str | None) -> dict:
     return dict(client(tracking_uri()).get_run(run_id).data.metrics)
 
 
+def _registered(manager: JobManager, job_id: str) -> tuple[dict, str, str]:
+    """(job, registered model name, version) of a succeeded job; 409 before its adapter is registered."""
+    job = manager.get_job(job_id)
+    if job["status"] != "succeeded" or not job.get("model_uri"):
+        raise JobError(f"job {job_id} has no registered adapter yet (status {job['status']})",
+                       param="fine_tuning_job_id", code="job_not_succeeded", status=409)
+    return job, job["fine_tuned_model"], job["model_uri"].rsplit("/", 1)[-1]
+
+
 def _evaluation(manager: JobManager, job_id: str) -> dict:
     from mlflow.exceptions import MlflowException
 
     from training.tracking import client, tracking_uri
 
-    job = manager.get_job(job_id)
-    if job["status"] != "succeeded" or not job.get("model_uri"):
-        raise JobError(f"job {job_id} has no registered adapter yet (status {job['status']})",
-                       param="fine_tuning_job_id", code="job_not_succeeded", status=409)
-    name = job["fine_tuned_model"]
-    candidate = {"model_uri": job["model_uri"], "version": job["model_uri"].rsplit("/", 1)[-1],
-                 "metrics": _run_metrics(job.get("mlflow_run_id"))}
+    job, name, version = _registered(manager, job_id)
+    candidate = {"model_uri": job["model_uri"], "version": version, "metrics": _run_metrics(job.get("mlflow_run_id"))}
     champion = None
     try:
         mv = client(tracking_uri()).get_model_version_by_alias(name, "champion")
@@ -292,13 +292,14 @@ def _evaluation(manager: JobManager, job_id: str) -> dict:
 
 
 def _promote(manager: JobManager, job_id: str, alias: str) -> dict:
+    from training.config import check_alias
     from training.tracking import client, tracking_uri
 
-    ev = _evaluation(manager, job_id)
-    bad = [e["message"] for e in config_errors({"register_as": "x", "alias": alias})["errors"]]
-    if bad:
-        raise JobError(f"alias: {bad[0]}", param="alias")
-    name, version = ev["registered_model"], ev["candidate"]["version"]
+    job, name, version = _registered(manager, job_id)
+    try:
+        check_alias(alias)
+    except ValueError as exc:
+        raise JobError(f"alias: {exc}", param="alias") from None
     client(tracking_uri()).set_registered_model_alias(name, alias, version)
     return {"object": "fine_tuning.promotion", "job_id": job_id, "registered_model": name, "version": version,
-            "alias": alias, "model_uri": f"models:/{name}@{alias}", "base_model": manager.get_job(job_id)["model"]}
+            "alias": alias, "model_uri": f"models:/{name}@{alias}", "base_model": job["model"]}

@@ -102,16 +102,12 @@ class TrainConfig(BaseModel):
     @field_validator("register_as", "alias")
     @classmethod
     def _valid_name(cls, v):
-        if v is not None and not _NAME.match(v):
-            raise ValueError(f"{v!r} is not a valid name (letters, digits, '_', '.', '-'; at most 128)")
-        return v
+        return check_name(v) if v is not None else v
 
     @field_validator("alias")
     @classmethod
     def _alias_not_reserved(cls, v):
-        if v is not None and (v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v) or "." in v):
-            raise ValueError(f"{v!r} cannot be an MLflow alias ('latest' and v<N> are reserved; no dots)")
-        return v
+        return check_alias(v) if v is not None else v
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -189,15 +185,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
+def check_name(v: str) -> str:
+    """A registered-model name or alias: letters, digits, '_', '.', '-'; at most 128."""
+    if not _NAME.match(v):
+        raise ValueError(f"{v!r} is not a valid name (letters, digits, '_', '.', '-'; at most 128)")
+    return v
+
+
+def check_alias(v: str) -> str:
+    """An MLflow alias: a valid name that is not 'latest' or v<N>, without dots."""
+    check_name(v)
+    if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v) or "." in v:
+        raise ValueError(f"{v!r} cannot be an MLflow alias ('latest' and v<N> are reserved; no dots)")
+    return v
+
+
+def error_list(exc: ValidationError) -> list[tuple[str, str]]:
+    """(key path, message) per error, as every config error names them: `lora_r: unknown key`."""
+    out = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        out.append((".".join(str(p) for p in err["loc"]) or "(config)",
+                    "unknown key" if err["type"] == "extra_forbidden" else msg))
+    return out
+
+
+def _format_errors(exc: ValidationError) -> str:
+    return "\n".join(f"  {loc}: {msg}" for loc, msg in error_list(exc))
 
 
 def validate_config(data: dict, *, source: str = "config", config_dir: Path | None = None) -> TrainConfig:

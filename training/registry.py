@@ -110,9 +110,7 @@ def adapter_lineage(source: str, uri: str | None = None) -> dict | None:
     c = client(uri)
     name = m["name"]
     mv = c.get_model_version_by_alias(name, m["alias"]) if m["alias"] else c.get_model_version(name, m["version"])
-    aliases = sorted(c.get_registered_model(name).aliases)
-    out = {"registered_model": name, "version": str(mv.version),
-           "aliases": [a for a in aliases if str(c.get_model_version_by_alias(name, a).version) == str(mv.version)],
+    out = {"registered_model": name, "version": str(mv.version), "aliases": sorted(mv.aliases or []),
            "registered_by": mv.user_id or None, "registered_at": (mv.creation_timestamp or 0) / 1000 or None,
            "run_id": mv.run_id, "base_model": None, "dataset": None, "dataset_hash": None, "metrics": {}}
     if mv.run_id:

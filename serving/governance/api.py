@@ -92,7 +92,12 @@ def governance_router(gov: Governance) -> APIRouter:
     @router.get("/v1/admin/keys")
     def list_keys(request: Request, team: str | None = None, include_inactive: bool = True) -> dict:
         principal(request, "admin")
-        return {"object": "list", "data": [r.public() for r in gov.keys.list(team=team, include_inactive=include_inactive)]}
+        data = []
+        for r in gov.keys.list(team=team, include_inactive=include_inactive):
+            budget = r.principal().budget
+            data.append({**r.public(), "budget_status": gov.budgets.status(key_id=r.id, budget=budget)
+                         if budget is not None else None})
+        return {"object": "list", "data": data}
 
     @router.get("/v1/admin/keys/{key_id}")
     def get_key(key_id: str, request: Request) -> dict:

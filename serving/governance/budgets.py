@@ -20,13 +20,13 @@ class BudgetBook:
         self.db = db
         self.ttl = reservation_ttl_s
 
-    def _state(self, c, column: str, value: str, budget: Budget, now: float) -> tuple[float, float, float]:
+    def _state(self, c, column: str, value: str, budget: Budget, now: float) -> tuple[float, float, float, float]:
         start, end = period_bounds(budget.period, now)
         spent = c.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM period_spend WHERE scope = ? AND subject = ? "
                           "AND period = ? AND start = ?", (column, value, budget.period, start)).fetchone()[0]
         held = c.execute(f"SELECT COALESCE(SUM(amount_usd), 0) FROM reservations WHERE {column} = ?",
                          (value,)).fetchone()[0]
-        return spent, held, end
+        return spent, held, start, end
 
     def reserve(self, *, key_id: str, team: str, amount_usd: float, key_budget: Budget | None,
                 team_budget: Budget | None) -> str | None:
@@ -41,7 +41,7 @@ class BudgetBook:
                                                ("team", team, team_budget, f"team {team}")):
                 if budget is None:
                     continue
-                spent, held, end = self._state(c, column, value, budget, now)
+                spent, held, _, end = self._state(c, column, value, budget, now)
                 if spent + held + amount_usd > budget.amount_usd + 1e-12:
                     raise RateLimited(
                         f"{who} has spent ${spent:.6f} (plus ${held:.6f} reserved by running requests) of its "
@@ -66,6 +66,7 @@ class BudgetBook:
         column, value = ("key_id", key_id) if key_id else ("team", team)
         now = time.time()
         with self.db.tx() as c:
-            spent, held, end = self._state(c, column, value, budget, now)
+            spent, held, start, end = self._state(c, column, value, budget, now)
         return {"budget_usd": budget.amount_usd, "period": budget.period, "spent_usd": spent,
-                "reserved_usd": held, "remaining_usd": budget.amount_usd - spent - held, "resets_at": end}
+                "reserved_usd": held, "remaining_usd": budget.amount_usd - spent - held, "starts_at": start,
+                "resets_at": end}

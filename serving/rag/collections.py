@@ -331,12 +331,11 @@ class CollectionService:
         """A document's chunks in order: id (what citations name as chunk_id), text and character span."""
         check_doc_id(doc_id, "document_id")
         self.store.get_collection(name)
-        ids = self.store.chunk_ids_for_documents(name, [doc_id])
-        if not ids:
-            docs = {d["doc_id"] for d in self.store.documents(name)}
-            if doc_id not in docs:
+        with self.store.reading() as conn:
+            if self.store.get_document(conn, name, doc_id) is None:
                 raise DocumentNotFoundError(f"document {doc_id!r} does not exist in collection {name!r}",
                                             param="document_id")
+        ids = self.store.chunk_ids_for_documents(name, [doc_id])
         rows = sorted(self.store.chunks(ids).values(), key=lambda r: r["position"])
         return {"object": "list", "collection": name, "document_id": doc_id, "data": [
             {"object": "chunk", "id": r["id"], "position": r["position"], "text": r["text"], "start": r["start"],

@@ -24,20 +24,19 @@ export async function render(el, params) {
       { title: "created", field: "created" }], { name: "collections", onRowClick: (row) => open(row.name) }));
   }
 
-  async function open(coll, doc, chunk) {
+  async function open(coll, doc, chunk, notice) {
     const info = await api(`/v1/collections/${encodeURIComponent(coll)}`);
     const docs = (await api(`/v1/collections/${encodeURIComponent(coll)}/documents`)).data;
     const file = h("input", { type: "file", id: "coll-file", accept: ".txt,.md,.markdown,.html,.htm,.pdf", multiple: true });
     const upload = h("button", { type: "button", id: "coll-upload" }, "Upload");
-    const upOut = h("div");
+    const upOut = h("div", notice ? h("p.ok", notice) : null);
     action(upload, async () => {
       if (!file.files.length) throw new Error("choose a file first");
       const form = new FormData();
       for (const f of file.files) form.append("files", f, f.name);
       const r = await api(`/v1/collections/${encodeURIComponent(coll)}/documents`, { method: "POST", form });
       await refresh();
-      await open(coll);
-      clear(document.getElementById("coll-up-out") || upOut, h("p.ok", `Added ${(r.data || []).length} document(s).`));
+      await open(coll, null, null, `Added ${(r.data || []).length} document(s).`);  // redrawn: the note goes in the new view
     }, upOut);
     const q = h("input", { id: "coll-query", placeholder: "a test query" });
     const ask = h("button", { type: "button", id: "coll-ask" }, "Query");
@@ -67,7 +66,7 @@ export async function render(el, params) {
       { title: "updated", field: "updated" }], { name: `documents-${coll}`, onRowClick: (d) => showDoc(d.id).catch(e => clear(chunks, errorBox(e))) });
     clear(detail, h("div.card", h("div.row", h("h2", `Collection ${coll}`), del),
       h("p.muted", `${info.documents} documents, ${info.chunks} chunks, ${info.embedding_model}`),
-      h("div.row", field("Upload documents", file), upload), h("div", { id: "coll-up-out" }, upOut),
+      h("div.row", field("Upload documents", file), upload), upOut,
       h("h2", "Documents"), docTable, chunks,
       h("h2", "Test query"), h("div.row", q, ask), hits));
     if (doc) await showDoc(doc, chunk);

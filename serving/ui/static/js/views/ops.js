@@ -35,7 +35,6 @@ export async function render(el) {
   models.append(modelTable);
   latency.append(latTable);
 
-  const series = {};
   async function tick() {
     const ops = await api("/v1/operations");
     const rows = ops.models.map(m => ({ ...m, adapter_text: m.adapters.map(a => `${a.name} ${a.gpu}/${a.cpu}`).join(", ") || "–" }));
@@ -64,7 +63,6 @@ export async function render(el) {
       if (ds.data.length > HISTORY) ds.data.shift();
     }
     c.update();
-    series[c.id] = c.data.labels.length;
   }
 
   await tick();

@@ -47,10 +47,7 @@ const money = (cell) => fmt.usd(cell.getValue());
 async function burnDown(subject, budget) {
   const [scope, value] = subject;
   const grain = budget.period === "day" ? "hour" : "day";
-  const start = budget.resets_at - (budget.period === "day" ? DAY : 0);
-  const monthStart = new Date(budget.resets_at * 1000);
-  if (budget.period !== "day") monthStart.setUTCMonth(monthStart.getUTCMonth() - 1);
-  const since = budget.period === "day" ? start : monthStart.getTime() / 1000;
+  const since = budget.starts_at;
   const q = new URLSearchParams({ group_by: grain, since: new Date(since * 1000).toISOString() });
   q.set(scope, value);
   const rows = (await api(`/v1/usage?${q}`)).data.sort((a, b) => a[grain].localeCompare(b[grain]));
@@ -152,9 +149,7 @@ export async function render(el) {
     const subjects = [];
     if (admin && session.me.governance) {
       for (const t of (await api("/v1/admin/teams")).data) if (t.budget) subjects.push([["team", t.name], t.budget]);
-      for (const k of keys.filter(k => k.budget_usd !== null && k.status === "active")) {
-        subjects.push([["key_id", k.id], await keyBudget(k)]);
-      }
+      for (const k of keys.filter(k => k.budget_status && k.status === "active")) subjects.push([["key_id", k.id], k.budget_status]);
     } else if (session.me.budget) subjects.push([["key_id", session.me.key_id], session.me.budget]);
     if (!subjects.length) return h("div", h("h2", "Budgets"), h("p.muted", "No team or key has a budget."));
     const parts = await Promise.all(subjects.slice(0, 12).map(([s, b]) => burnDown(s, b)));
@@ -166,18 +161,6 @@ export async function render(el) {
         { title: "projected at period end", field: "projected_usd", formatter: money },
         { title: "on track", field: "on_track" }, { title: "resets", field: "resets_at" }], { name: "budgets" }),
       h("div.grid", parts.map(p => h("div.card", h("strong", `${p.row.scope} ${p.row.subject}`), p.chart))));
-  }
-
-  // An admin reading another key's budget: spent this period from the ledger (reservations are the key's own).
-  async function keyBudget(k) {
-    const now = new Date();
-    const start = k.budget_period === "day" ? Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate())
-      : Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1);
-    const end = k.budget_period === "day" ? start + DAY * 1000 : Date.UTC(now.getUTCFullYear(), now.getUTCMonth() + 1, 1);
-    const u = await api(`/v1/usage?key_id=${encodeURIComponent(k.id)}&group_by=key_id&since=${new Date(start).toISOString()}`);
-    const spent = u.total_cost_usd || 0;
-    return { budget_usd: k.budget_usd, period: k.budget_period, spent_usd: spent, reserved_usd: 0,
-      remaining_usd: k.budget_usd - spent, resets_at: end / 1000 };
   }
 
   for (const s of [group, grain, since]) s.addEventListener("change", () => draw().catch(e => clear(out, String(e))));
