@@ -19,7 +19,7 @@ import pytest
 
 from serving.router.sim import free_port
 from tests.serve_helpers import MODEL, Server, small_config
-from tests.test_replicas_e2e import run_streams
+from tests.test_replicas_e2e import run_streams, wait_for_replicas
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -84,7 +84,8 @@ def cluster(tmp_path_factory):
                        check=True, capture_output=True, env=env, timeout=180)
         server = Server(tmp, CONFIG)
         server.env["RAY_ADDRESS"] = address  # `loraplex serve` joins the cluster ($RAY_ADDRESS or --address)
-        server.start(timeout=600)
+        server.start(timeout=600)  # ready once one replica serves: wait for the other node's too
+        wait_for_replicas(server, 2, local=False)
         yield server, address, worker_port
     finally:
         if server is not None:
