@@ -131,6 +131,50 @@ def test_me_teams_and_policy_views_follow_the_role(srv):
     assert len(hourly) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d", hourly[0]["hour"]) and hourly[0]["requests"] == 1
 
 
+def test_admins_set_team_limits_and_budgets_that_every_gateway_enforces(srv, tmp_path):
+    """PUT /v1/admin/teams/{name} overrides the config for the team's keys from their next request, in every
+    process on the database (a second Governance stands in for another gateway replica); DELETE undoes it."""
+    key, _ = srv.key(name="squad-member", team="squad")
+    client = srv.client(key)
+    assert chat(client).choices
+    r = srv.admin("PUT", "/v1/admin/teams/squad", json={"limits": {"rpm": 2}})
+    assert r.status_code == 200, r.text
+    row = r.json()
+    assert (row["source"], row["limits"]["rpm"], row["budget"], row["updated_by"]) == ("api", 2, None, srv.gov.keys.list(team="ops")[0].id)
+    assert chat(client).choices  # the second request this minute
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(client)
+    assert "team:squad" in str(e.value) or "team squad" in str(e.value)
+    other = Governance(GovernanceConfig.model_validate({"database": str(srv.gov.db.path), "audit": {
+        "path": str(tmp_path / "audit.jsonl"), "fsync": False}}), prices={"echo-small": PRICE})
+    assert other.teams.get("squad").limits.rpm == 2
+    r = srv.admin("PUT", "/v1/admin/teams/squad", json={"limits": {}, "budget": {"amount_usd": 0, "period": "day"}})
+    assert r.json()["budget"]["budget_usd"] == 0 and r.json()["limits"]["rpm"] is None
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(client)
+    assert e.value.code == "insufficient_quota" and "team squad" in e.value.message
+    with pytest.raises(Exception) as refused:  # the other gateway refuses too, without a restart
+        other.admit(other.keys.list(team="squad")[0].principal(), route="/v1/chat/completions", model="echo-small",
+                    prompt_tokens=5, max_tokens=5)
+    assert getattr(refused.value, "code", None) == "insufficient_quota"
+    other.db.close()
+    assert srv.admin("DELETE", "/v1/admin/teams/squad").json()["source"] == "none"
+    assert chat(client).choices
+    assert srv.admin("DELETE", "/v1/admin/teams/squad").status_code == 404
+    bad = srv.admin("PUT", "/v1/admin/teams/squad", json={"limits": {"rpm": 0}})
+    assert bad.status_code in (400, 422) and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+    assert "rpm" in bad.json()["error"]["message"]
+    assert srv.admin("PUT", "/v1/admin/teams/squad", json={"budgett": {}}).status_code in (400, 422)
+    named = srv.admin("PUT", "/v1/admin/teams/%20bad%20name", json={})
+    assert named.status_code == 400 and named.json()["error"]["code"] == "invalid_team_name"
+    denied = srv.http.put("/v1/admin/teams/squad", json={}, headers={"Authorization": f"Bearer {key}"})
+    assert denied.status_code == 403
+    audit = srv.admin("GET", "/v1/admin/audit", params={"route": "/v1/admin/teams/squad", "status": 200}).json()["data"]
+    actions = [e.get("action") for e in audit]
+    assert actions.count("teams.update") == 2 and actions.count("teams.reset") == 1, audit
+    assert audit[0]["policy"]["limits"]["rpm"] == 2 and audit[0]["target_team"] == "squad"
+
+
 def test_revoked_and_expired_keys_get_401(srv):
     key, kid = srv.key(name="temp")
     short, _ = srv.key(name="short", expires_in_days=1.5 / 86400)

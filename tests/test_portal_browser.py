@@ -261,6 +261,34 @@ def test_a_user_key_gets_no_admin_data(browser, server):
     t.close()
 
 
+def test_admin_sets_a_team_budget_the_gateway_enforces_then_resets_it(browser, server):
+    """The teams tab edits `apps` (budget 5/month in the config) to $0 a day: the team's key is refused at once;
+    reset returns it to the config's budget and it is served again."""
+    t = admin_tab(browser, server)
+    page = t.go("admin?tab=teams")
+    row = page.locator("#team-list .tabulator-row").filter(has=page.locator(".tabulator-cell:text-is('apps')"))
+    row.locator("[data-edit-team]").click()
+    assert page.input_value("#team-name") == "apps" and page.input_value("#team-budget") == "5"
+    page.fill("#team-budget", "0")
+    page.select_option("#team-period", "day")
+    page.fill("#team-rpm", "600")
+    page.click("#team-save")
+    page.wait_for_selector("#team-out .ok")
+    eventually(lambda: "set by" in row.inner_text() and "rpm 600" in row.inner_text() and "/ day" in row.inner_text())
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=STATE["user_key"], max_retries=0)
+    ask = lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask()
+    assert refused.value.code == "insufficient_quota" and "team apps" in refused.value.message
+    t.shot("admin-teams-edited")
+    page.click("#team-reset")
+    eventually(lambda: "back to its config policy" in page.inner_text("#team-out"))
+    eventually(lambda: "set by" not in row.inner_text() and "/ month" in row.inner_text())
+    assert page.input_value("#team-budget") == "5" and page.input_value("#team-rpm") == ""
+    assert ask().choices[0].message.content is not None
+    t.close()
+
+
 def test_collection_upload_chunks_query_and_a_cited_answer(browser, server, tmp_path):
     t = admin_tab(browser, server)
     page = t.go("collections")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.governance.config import Limits, Period, Role
+from serving.governance.config import Limits, Period, Role, TeamPolicy
 from serving.governance.core import ROLE_RANK, Governance
 from serving.governance.errors import GovernanceError, PermissionDenied
 from serving.governance.keys import Principal
@@ -153,22 +153,48 @@ def governance_router(gov: Governance) -> APIRouter:
             out["budget"] = gov.budgets.status(key_id=p.key_id, budget=p.budget)
         return out
 
+    def team_row(name: str, keys: list, overrides: dict) -> dict:
+        policy = gov.teams.get(name)
+        edit = overrides.get(name)
+        budget = policy.budget if policy else None
+        return {"name": name, "configured": name in gov.config.teams,
+                "source": "api" if edit else ("config" if policy else "none"),
+                "updated_at": edit["updated_at"] if edit else None, "updated_by": edit["updated_by"] if edit else None,
+                "limits": (policy.limits if policy else Limits()).model_dump(),
+                "budget": gov.budgets.status(team=name, budget=budget) if budget else None,
+                "keys": sum(k.team == name for k in keys),
+                "active_keys": sum(k.team == name and k.status == "active" for k in keys)}
+
     @router.get("/v1/admin/teams")
     def teams(request: Request) -> dict:
-        """Teams of the config and of the keys: limits, budget and its burn this period, key counts."""
+        """Teams of the config, of admins' edits and of the keys: limits, budget and its burn, key counts."""
         principal(request, "admin")
         keys = gov.keys.list(include_inactive=True)
-        names = sorted(set(gov.config.teams) | {k.team for k in keys})
-        data = []
-        for name in names:
-            policy = gov.config.teams.get(name)
-            budget = policy.budget if policy else None
-            data.append({"name": name, "configured": policy is not None,
-                         "limits": (policy.limits if policy else Limits()).model_dump(),
-                         "budget": gov.budgets.status(team=name, budget=budget) if budget else None,
-                         "keys": sum(k.team == name for k in keys),
-                         "active_keys": sum(k.team == name and k.status == "active" for k in keys)})
-        return {"object": "list", "data": data}
+        overrides = gov.teams.overrides()
+        names = sorted(set(gov.config.teams) | set(overrides) | {k.team for k in keys})
+        return {"object": "list", "data": [team_row(n, keys, overrides) for n in names]}
+
+    @router.put("/v1/admin/teams/{name}")
+    def set_team(name: str, body: TeamPolicy, request: Request) -> dict:
+        """Set a team's limits and budget (replacing the config's for it) from its next request on."""
+        actor = principal(request, "admin")
+        try:
+            gov.teams.put(name, body, actor.key_id)
+        except ValueError as exc:
+            raise GovernanceError(str(exc), code="invalid_team_name", param="name") from None
+        note(request, action="teams.update", target_team=name, policy=body.model_dump(mode="json"))
+        return team_row(name, gov.keys.list(include_inactive=True), gov.teams.overrides())
+
+    @router.delete("/v1/admin/teams/{name}")
+    def reset_team(name: str, request: Request) -> dict:
+        """Drop an admin's edit: the team goes back to its config policy (or to none)."""
+        principal(request, "admin")
+        if not gov.teams.delete(name):
+            raise GovernanceError(f"team {name!r} has no policy set over the API (config policies are changed "
+                                  "in governance.teams)", code="team_not_found", status=404,
+                                  type="not_found_error", param="name")
+        note(request, action="teams.reset", target_team=name)
+        return team_row(name, gov.keys.list(include_inactive=True), gov.teams.overrides())
 
     @router.get("/v1/admin/policy")
     def policy(request: Request) -> dict:

@@ -12,13 +12,14 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable, Mapping
 
 from serving.governance.audit import AuditLog
 from serving.governance.budgets import BudgetBook
-from serving.governance.config import GovernanceConfig, Limits
+from serving.governance.config import GovernanceConfig, Limits, TeamPolicy
 from serving.governance.db import Database
 from serving.governance.errors import AuthenticationError, GovernanceError, PermissionDenied, PIIBlocked
 from serving.governance.keys import ANONYMOUS, PREFIX, KeyStore, Principal
 from serving.governance.limits import Lease, RateLimiter
 from serving.governance.pii import StreamGuard, redact
 from serving.governance.spend import SpendCollector, UsageLedger
+from serving.governance.teams import TeamStore
 
 log = logging.getLogger("loraplex.governance")
 
@@ -194,6 +195,7 @@ class Governance:
         self.config = config or GovernanceConfig()
         self.db = Database(self.config.database_path())
         self.keys = KeyStore(self.db)
+        self.teams = TeamStore(self.db, self.config)
         self.ledger = UsageLedger(self.db)
         self.budgets = BudgetBook(self.db, self.config.reservation_ttl_s)
         self.limiter = RateLimiter()
@@ -298,9 +300,9 @@ class Governance:
                 raise PermissionDenied(f"key {principal.key_id} may not use {kind[:-1]} {value!r}",
                                        code=f"{kind[:-1]}_not_allowed", param=param)
 
-    def subjects(self, principal: Principal) -> list[tuple[str, Limits]]:
+    def subjects(self, principal: Principal, team: TeamPolicy | None = None) -> list[tuple[str, Limits]]:
         key_limits = principal.limits if principal.limits != Limits() else self.config.default_limits
-        team = self.config.teams.get(principal.team)
+        team = team or self.teams.get(principal.team)
         return [(f"key:{principal.key_id}", key_limits), (f"team:{principal.team}", team.limits if team else Limits())]
 
     # --- the request path ----------------------------------------------------------------------------------
@@ -349,12 +351,12 @@ class Governance:
                                   code="model_unpriced", status=500, type="server_error")
         if prompt_tokens < 0 or max_tokens < 0:
             raise GovernanceError("token counts must be >= 0", code="invalid_tokens")
-        subjects = self.subjects(principal)
+        team = self.teams.get(principal.team)
+        subjects = self.subjects(principal, team)
         owns = ctx is None or ctx.lease is None
         lease = self.limiter.admit(subjects, tokens=prompt_tokens + max_tokens, count_request=owns)
         try:
             reserved = price.cost(prompt_tokens, max_tokens)
-            team = self.config.teams.get(principal.team)
             reservation = self.budgets.reserve(key_id=principal.key_id, team=principal.team, amount_usd=reserved,
                                                key_budget=principal.budget, team_budget=team.budget if team else None)
         except BaseException:

@@ -1,4 +1,4 @@
-"""One SQLite database for keys, the usage ledger and budget reservations (WAL, shared by processes)."""
+"""One SQLite database for keys, team policies, the usage ledger and budget reservations (WAL, shared by processes)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS usage_totals (
 CREATE TABLE IF NOT EXISTS period_spend (
     scope TEXT NOT NULL, subject TEXT NOT NULL, period TEXT NOT NULL, start REAL NOT NULL, cost_usd REAL NOT NULL,
     PRIMARY KEY (scope, subject, period, start)
+);
+CREATE TABLE IF NOT EXISTS teams (
+    name TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS reservations (
     id TEXT PRIMARY KEY,

@@ -138,8 +138,9 @@ export function copyButton(text) {
 export const fmt = {
   usd(v) {  // cents, or three significant digits below a cent (self-hosted tokens are cheap), never 1e-5
     if (v === null || v === undefined) return "–";
-    if (v === 0 || Math.abs(v) >= 0.01) return "$" + v.toFixed(2);
-    return "$" + v.toFixed(Math.min(12, 2 - Math.floor(Math.log10(Math.abs(v)))));
+    const sign = v < 0 ? "-" : "", a = Math.abs(v);
+    if (a === 0 || a >= 0.01) return sign + "$" + a.toFixed(2);
+    return sign + "$" + a.toFixed(Math.min(12, 2 - Math.floor(Math.log10(a))));
   },
   ms(v) { return v === null || v === undefined ? "–" : `${v < 10 ? v.toFixed(1) : Math.round(v)} ms`; },
   pct(v) { return v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)}%`; },

@@ -83,15 +83,65 @@ async function keys(el) {
 }
 
 async function teams(el) {
-  const data = (await api("/v1/admin/teams")).data;
-  clear(el, h("p.muted", "Team limits and budgets come from the governance config (governance.teams)."),
-    table(data.map(t => ({ ...t, limits_text: Object.entries(t.limits).filter(([, v]) => v !== null).map(([a, v]) => `${a} ${v}`).join(", ") || "–",
+  const i = {
+    name: h("input", { id: "team-name", required: true, list: "team-names" }),
+    rpm: h("input", { id: "team-rpm", type: "number", min: 1 }), tpm: h("input", { id: "team-tpm", type: "number", min: 1 }),
+    max_parallel: h("input", { id: "team-parallel", type: "number", min: 1 }),
+    budget: h("input", { id: "team-budget", type: "number", min: 0, step: "0.01" }),
+    period: h("select", { id: "team-period" }, ["month", "day"].map(p => h("option", { value: p }, p))),
+  };
+  const names = h("datalist", { id: "team-names" });
+  const save = h("button", { type: "button", id: "team-save" }, "Save team policy");
+  const reset = h("button.secondary", { type: "button", id: "team-reset" }, "Reset to config");
+  const out = h("div", { id: "team-out" });
+  const listing = h("div", { id: "team-list" });
+  let rows = [];
+
+  function edit(t) {  // fill the form with a team's policy in force
+    i.name.value = t.name;
+    for (const k of ["rpm", "tpm", "max_parallel"]) i[k].value = t.limits[k] ?? "";
+    i.budget.value = t.budget ? t.budget.budget_usd : "";
+    i.period.value = t.budget ? t.budget.period : "month";
+  }
+  const teamPath = () => `/v1/admin/teams/${encodeURIComponent(i.name.value.trim())}`;
+  action(save, async () => {
+    const limits = {};
+    for (const k of ["rpm", "tpm", "max_parallel"]) if (i[k].value) limits[k] = Number(i[k].value);
+    const body = { limits, budget: i.budget.value ? { amount_usd: Number(i.budget.value), period: i.period.value } : null };
+    const t = await api(teamPath(), { method: "PUT", body });
+    clear(out, h("p.ok", `Saved: team ${t.name} now follows this policy on every gateway replica.`));
+    await refresh();
+  }, out);
+  action(reset, async () => {
+    const t = await api(teamPath(), { method: "DELETE" });
+    clear(out, h("p.ok", `Team ${t.name} is back to ${t.source === "config" ? "its config policy" : "no team policy"}.`));
+    edit(t);
+    await refresh();
+  }, out);
+
+  async function refresh() {
+    rows = (await api("/v1/admin/teams")).data;
+    clear(names, ...rows.map(t => h("option", { value: t.name })));
+    clear(listing, table(rows.map(t => ({ ...t, limits_text: Object.entries(t.limits).filter(([, v]) => v !== null).map(([a, v]) => `${a} ${v}`).join(", ") || "–",
       budget_text: t.budget ? `${fmt.usd(t.budget.spent_usd)} of ${fmt.usd(t.budget.budget_usd)} / ${t.budget.period}` : "–",
-      remaining: t.budget ? t.budget.remaining_usd : null })), [
-      { title: "team", field: "name" }, { title: "in config", field: "configured" }, { title: "keys", field: "keys", hozAlign: "right" },
+      remaining: t.budget ? t.budget.remaining_usd : null,
+      source_text: t.source === "api" ? `set by ${t.updated_by} ${fmt.time(t.updated_at)}` : t.source })), [
+      { title: "team", field: "name" }, { title: "policy from", field: "source_text" }, { title: "keys", field: "keys", hozAlign: "right" },
       { title: "active keys", field: "active_keys", hozAlign: "right" }, { title: "limits", field: "limits_text" },
-      { title: "budget", field: "budget_text" }, { title: "remaining", field: "remaining", formatter: c => fmt.usd(c.getValue()) }],
+      { title: "budget", field: "budget_text" }, { title: "remaining", field: "remaining", formatter: c => fmt.usd(c.getValue()) },
+      { title: "", field: "name", headerSort: false, formatter: (cell) => {
+        const t = cell.getRow().getData();
+        return action(h("button.small", { type: "button", dataset: { editTeam: t.name } }, "Edit"), async () => edit(t));
+      } }],
     { name: "teams" }));
+  }
+
+  clear(el, h("div.card", h("h2", "Team policy"),
+    h("p.muted", "Limits and budget for every key of a team together. Saving replaces the config's policy (governance.teams) for that team; reset returns to it."),
+    h("div.grid", field("Team", i.name), field("Requests per minute", i.rpm), field("Tokens per minute", i.tpm),
+      field("Parallel requests", i.max_parallel), field("Budget (USD)", i.budget, "empty: no team budget"), field("Budget period", i.period)),
+    names, h("div.row", save, reset), out), h("h2", "Teams"), listing);
+  await refresh();
 }
 
 async function policy(el) {
