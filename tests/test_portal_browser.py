@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.serve_helpers import MODEL, Server, small_config
+from tests.test_rag_core import _tiny_pdf
 from training.testing import qa_records
 
 pytestmark = pytest.mark.slow
@@ -298,9 +299,12 @@ def test_collection_upload_chunks_query_and_a_cited_answer(browser, server, tmp_
     doc = tmp_path / "holidays.md"
     doc.write_text("# Holidays\n\nStaff at Acme get 31 days of paid holiday each year. " + XSS_TEXT + "\n\n"
                    "# Parking\n\nThe car park opens at 6am. " + XSS_NAME + "\n")
-    page.set_input_files("#coll-file", str(doc))
+    pdf, html = tmp_path / "warranty.pdf", tmp_path / "parking.html"
+    pdf.write_bytes(_tiny_pdf("The warranty lasts two years."))
+    html.write_text("<html><body><h1>Bikes</h1><p>Bike racks are by gate B.</p><script>window.__xss=1</script></body></html>")
+    page.set_input_files("#coll-file", [str(doc), str(pdf), str(html)])
     page.click("#coll-upload")
-    page.wait_for_selector("text=Added 1 document(s).")
+    page.wait_for_selector("text=Added 3 document(s).")
     # metadata a user set through the API is shown escaped too
     http(server, STATE["admin_key"]).post("/v1/collections/handbook/documents", json={"documents": [
         {"id": "meta-doc", "text": "Visitors sign in at reception.", "metadata": {"owner": XSS_META}}]}).raise_for_status()
@@ -309,8 +313,12 @@ def test_collection_upload_chunks_query_and_a_cited_answer(browser, server, tmp_
     doc_cell.wait_for()
     meta = json.dumps({"owner": XSS_META}, separators=(",", ":"))
     assert page.locator(".tabulator-cell").get_by_text(meta, exact=True).count() == 1
+    for name, text in (("warranty.pdf", "The warranty lasts two years."), ("parking.html", "Bike racks are by gate B.")):
+        page.locator(f".tabulator-cell[tabulator-field=id]:text-is('{name}')").click()
+        eventually(lambda: text in page.inner_text("#coll-chunks"))
+        assert "window.__xss" not in page.inner_text("#coll-chunks")  # the html's script is dropped, not shown
     doc_cell.click()
-    page.wait_for_selector("#coll-chunks .chunk")
+    eventually(lambda: XSS_TEXT in page.inner_text("#coll-chunks"))
     assert XSS_TEXT in page.inner_text("#coll-chunks")
     page.fill("#coll-query", "How many days of holiday?")
     page.click("#coll-ask")

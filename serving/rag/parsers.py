@@ -71,12 +71,8 @@ def html_to_text(html: str) -> str:
 
 
 def _pdf_to_text(data: bytes, name: str) -> str:
-    try:
-        import pypdf
-    except ImportError:
-        raise UnsupportedFileTypeError(
-            f"{name}: reading PDF files needs pypdf: pip install 'loraplex[pdf]'", param="files"
-        ) from None
+    import pypdf
+
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
         return "\n\n".join((page.extract_text() or "").strip() for page in reader.pages)
