@@ -64,7 +64,9 @@ class Tab:
 
     def __init__(self, browser, base: str, width: int = 1280, height: int = 800):
         self.ctx = browser.new_context(viewport={"width": width, "height": height})
-        self.ctx.add_init_script("window.__xss = 0;")
+        self.ctx.add_init_script("window.__xss = 0; window.__drawn = []; const fillText = CanvasRenderingContext2D.prototype"
+                                 ".fillText; CanvasRenderingContext2D.prototype.fillText = function (t, ...a) {"
+                                 " window.__drawn.push(String(t)); return fillText.call(this, t, ...a); };")
         self.page = self.ctx.new_page()
         self.base = base
         self.dialogs: list[str] = []
@@ -231,7 +233,9 @@ def test_admin_creates_a_key_sees_it_once_and_its_spend_rises(browser, server):
                                        max_tokens=16)
     page.select_option("#spend-group", "key_id")
     page.wait_for_selector(f".tabulator-cell:text-is('{key_id}')")
-    assert spend_total() > start
+    total = spend_total()
+    assert total > start
+    assert page.inner_text("#spend-total") in page.evaluate("window.__drawn")  # today's bar is labelled with its total
     page.select_option("#spend-group", "key_id")
     page.locator(".tabulator-cell").get_by_text(XSS_NAME, exact=True).first.wait_for()  # names beside ids, as text
     assert page.locator("text=Budget burn-down").count() == 1 and page.locator(".chart canvas").count() >= 3

@@ -175,6 +175,28 @@ const PALETTE = ["#2563eb", "#16a34a", "#dc2626", "#9333ea", "#ea580c", "#0891b2
   "#4b5563", "#65a30d"];
 export const color = (i) => PALETTE[i % PALETTE.length];
 
+// Each stacked bar's total written above it, so a bar chart reads without hovering (skipped where it would
+// not fit the bar's width).
+export const barTotals = (format) => ({
+  id: "barTotals",
+  afterDatasetsDraw(c) {
+    const metas = c.data.datasets.map((_, i) => c.getDatasetMeta(i)).filter(m => c.isDatasetVisible(m.index));
+    const { ctx } = c;
+    ctx.save();
+    Object.assign(ctx, { font: "12px system-ui, sans-serif", fillStyle: "#111827", textAlign: "center", textBaseline: "bottom" });
+    (c.data.labels || []).forEach((_, j) => {
+      let total = 0, top = Infinity, bar = null;
+      for (const m of metas) {
+        total += Number(c.data.datasets[m.index].data[j]) || 0;
+        if (m.data[j]) { bar = m.data[j]; top = Math.min(top, bar.y); }
+      }
+      const text = format(total);
+      if (bar && total > 0 && ctx.measureText(text).width <= bar.width + 24) ctx.fillText(text, bar.x, top - 3);
+    });
+    ctx.restore();
+  },
+});
+
 export function chart(config, { label = "chart", height = 260 } = {}) {
   const canvas = h("canvas", { role: "img", "aria-label": label });
   const box = h("div.chart", { style: `height:${height}px` }, canvas);

@@ -2,7 +2,7 @@
 // Spend over time by team, key, model or adapter; budget burn-down with the projection to the period's end;
 // cost per 1k requests and per 1M tokens; requests, tokens and active keys per team per day. Every table
 // has a CSV export.
-import { api, chart, clear, color, field, fmt, h, role, session, table } from "../core.js";
+import { api, barTotals, chart, clear, color, field, fmt, h, role, session, table } from "../core.js";
 
 const DAY = 86400;
 
@@ -22,8 +22,8 @@ function stackedBars(rows, group, label) {
   const datasets = groups.map((g, i) => ({ label: g, backgroundColor: color(i), stack: "s",
     data: periods.map(p => rows.filter(r => r.period === p && (r[group] || "(none)") === g)
       .reduce((a, r) => a + (r.cost_usd || 0), 0)) }));
-  return chart({ type: "bar", data: { labels: periods, datasets },
-    options: { scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "USD" }, ticks: { callback: fmt.usd } } } } },
+  return chart({ type: "bar", data: { labels: periods, datasets }, plugins: [barTotals(fmt.usd)],
+    options: { scales: { x: { stacked: true }, y: { stacked: true, grace: "10%", title: { display: true, text: "USD" }, ticks: { callback: fmt.usd } } } } },
     { label });
 }
 
