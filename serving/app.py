@@ -195,6 +195,8 @@ class Gateway:
         self.core = GatewayCore(cfg, llm_handles, embed_handle, routers=_optional_routers(cfg, rag_handle),
                                 rag_handle=rag_handle)
         self.core.extra_routers.append(adapter_router(self.core))
+        if self.core.governance is not None:
+            self.core.governance.instance = _replica_id()
         self.core.start()
 
     def __serve_build_asgi_app__(self):

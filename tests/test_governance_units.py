@@ -183,6 +183,31 @@ def test_key_budget_reserve_settle_release(gov):
     assert [e["status"] for e in gov.audit.query(key_id=rec.id)] == [429, 200, 499]
 
 
+def test_a_short_prompt_estimate_is_topped_up_and_never_overspends(gov):
+    """Admission estimates the prompt; the replica's exact count (chat template included) grows the reservation
+    before a token is sent, or refuses the request when the budget cannot hold the difference."""
+    key, rec = gov.keys.create(name="topped", budget_usd=0.02, budget_period="day")
+    p = rec.principal()
+    held = lambda: gov.budgets.status(key_id=p.key_id, budget=p.budget)["reserved_usd"]
+    t1 = gov.admit(p, route="/v1/x", model="m", prompt_tokens=2, max_tokens=2)
+    assert held() == pytest.approx(0.008)
+    t1.confirm_prompt(5)  # cost(5, 2) = 0.011
+    assert held() == pytest.approx(0.011) and t1.reserved_usd == pytest.approx(0.011)
+    t1.confirm_prompt(3)  # fewer than reserved for: nothing changes
+    assert held() == pytest.approx(0.011)
+    t2 = gov.admit(p, route="/v1/x", model="m", prompt_tokens=2, max_tokens=2)
+    with pytest.raises(GovernanceError) as e:
+        t2.confirm_prompt(4)  # 0.011 + 0.010 > 0.02
+    assert e.value.code == "insufficient_quota" and e.value.status == 429
+    assert held() == pytest.approx(0.011)  # t2's reservation is freed, uncharged
+    assert t2.settle(3, 0)["cost_usd"] == 0  # settled already: later settles change nothing
+    t1.settle(5, 2)
+    status = gov.budgets.status(key_id=p.key_id, budget=p.budget)
+    assert status["spent_usd"] == pytest.approx(0.011) and status["reserved_usd"] == 0
+    assert gov.ledger.usage(["key_id"], key_id=p.key_id)[0]["requests"] == 1
+    assert [(e["status"], e.get("error")) for e in gov.audit.query(key_id=rec.id)] == [(429, "insufficient_quota"), (200, None)]
+
+
 def test_unpriced_model_is_refused_not_free(gov):
     p = gov.keys.create(name="x")[1].principal()
     with pytest.raises(GovernanceError) as e:

@@ -22,6 +22,7 @@ from typing import Any
 from serving.api import governed
 from serving.api.errors import APIError
 from serving.api.metrics import Metrics
+from serving.api.streaming import close_stream
 from serving.api.structured import describe as describe_constraint
 
 log = logging.getLogger("loraplex.gateway")
@@ -195,7 +196,7 @@ class Stage:
         """Before any replica is asked: may refuse (raise) or rewrite the prompts."""
 
     def opened(self, g: Generation) -> None:
-        """The replica streams are open (their accepted items are in g.accepted)."""
+        """The replica streams are open (their accepted items are in g.accepted); may still refuse (raise)."""
 
     def settle(self, g: Generation, status: int, content: dict | None) -> None:
         """Once per request, at its end (also for a request that failed before its stream opened)."""
@@ -240,8 +241,11 @@ class Admission(Stage):
         g.ticket.constraint = describe_constraint(g.req.structured, g.req.tools.tools if g.req.tools else None)
 
     def opened(self, g: Generation) -> None:
-        if g.ticket is not None and g.routed is not None:
+        if g.ticket is None:
+            return
+        if g.routed is not None:
             governed.reprice(g.ticket, self.gov, g.base, g.adapter)
+        g.ticket.confirm_prompt(sum(a["prompt_tokens"] for a in g.accepted))  # may refuse: 429, nothing sent
 
     def settle(self, g: Generation, status: int, content: dict | None) -> None:
         if g.ticket is None:
@@ -318,7 +322,11 @@ class Pipeline:
             for stage in self.stages:
                 await stage.admit(g)
             await strategy.open(g, self._replica_requests(g))
+            for stage in self.stages:
+                stage.opened(g)
         except BaseException as exc:
+            for gen in g.gens:
+                await close_stream(gen)
             status = status_of(exc)
             for stage in self.stages:
                 stage.settle(g, status, None)
@@ -329,8 +337,6 @@ class Pipeline:
         for a in g.accepted:
             g.rec.accepted(a["prompt_tokens"])
         g.guards = governed.OutputGuards(g.ticket, json_output=req.json_output)
-        for stage in self.stages:
-            stage.opened(g)
         return g
 
     def _replica_requests(self, g: Generation) -> list[dict]:

@@ -37,18 +37,32 @@ class BudgetBook:
         now = time.time()
         with self.db.tx() as c:
             c.execute("DELETE FROM reservations WHERE created_at < ?", (now - self.ttl,))
-            for column, value, budget, who in (("key_id", key_id, key_budget, f"key {key_id}"),
-                                               ("team", team, team_budget, f"team {team}")):
-                if budget is None:
-                    continue
-                spent, held, _, end = self._state(c, column, value, budget, now)
-                if spent + held + amount_usd > budget.amount_usd + 1e-12:
-                    raise RateLimited(
-                        f"{who} has spent ${spent:.6f} (plus ${held:.6f} reserved by running requests) of its "
-                        f"${budget.amount_usd:.6f} {budget.period}ly budget; this request may cost up to "
-                        f"${amount_usd:.6f}", code="insufficient_quota", retry_after=end - now)
+            self._check(c, key_id, team, amount_usd, key_budget, team_budget, now)
             c.execute("INSERT INTO reservations VALUES (?,?,?,?,?)", (rid, key_id, team, amount_usd, now))
         return rid
+
+    def top_up(self, reservation_id: str | None, *, key_id: str, team: str, extra_usd: float,
+               key_budget: Budget | None, team_budget: Budget | None) -> None:
+        """Grow a reservation once the exact prompt is known (the admission estimate was short); raises 429
+        insufficient_quota, leaving the reservation as it was, when the budget cannot hold the difference."""
+        if reservation_id is None or extra_usd <= 0:
+            return
+        now = time.time()
+        with self.db.tx() as c:
+            self._check(c, key_id, team, extra_usd, key_budget, team_budget, now)
+            c.execute("UPDATE reservations SET amount_usd = amount_usd + ? WHERE id = ?", (extra_usd, reservation_id))
+
+    def _check(self, c, key_id, team, amount_usd, key_budget, team_budget, now) -> None:
+        for column, value, budget, who in (("key_id", key_id, key_budget, f"key {key_id}"),
+                                           ("team", team, team_budget, f"team {team}")):
+            if budget is None:
+                continue
+            spent, held, _, end = self._state(c, column, value, budget, now)
+            if spent + held + amount_usd > budget.amount_usd + 1e-12:
+                raise RateLimited(
+                    f"{who} has spent ${spent:.6f} (plus ${held:.6f} reserved by running requests) of its "
+                    f"${budget.amount_usd:.6f} {budget.period}ly budget; this request may cost up to "
+                    f"${amount_usd:.6f} more", code="insufficient_quota", retry_after=end - now)
 
     def settle(self, reservation_id: str | None, **usage) -> None:
         """Drop the reservation and write the ledger row in one transaction (also without a reservation)."""

@@ -72,11 +72,11 @@ class Ticket:
 
     def __init__(self, gov: "Governance", principal: Principal, *, route: str, model: str, adapter: str | None,
                  price, prompt_tokens: int, max_tokens: int, reservation: str | None, reserved_usd: float,
-                 lease: Lease | None, owns_lease: bool, ctx: RequestContext | None, prompt: Any,
+                 team_budget, lease: Lease | None, owns_lease: bool, ctx: RequestContext | None, prompt: Any,
                  guardrails: list[dict], output_action: str, output_kinds: list[str], request_id: str):
         self.gov, self.principal, self.route, self.model, self.adapter = gov, principal, route, model, adapter
         self.price, self.est_prompt_tokens, self.max_tokens = price, prompt_tokens, max_tokens
-        self.reservation, self.reserved_usd = reservation, reserved_usd
+        self.reservation, self.reserved_usd, self.team_budget = reservation, reserved_usd, team_budget
         self.lease, self.owns_lease, self.ctx = lease, owns_lease, ctx
         self.prompt = prompt  # the prompt to run: redacted under a `redact` policy
         self.guardrails = guardrails
@@ -88,6 +88,43 @@ class Ticket:
         self.settled: dict[str, Any] | None = None
         self._guards: list[StreamGuard] = []
         self._start = time.perf_counter()
+
+    def confirm_prompt(self, prompt_tokens: int) -> None:
+        """The replica counted the prompt (chat template included): reserve the difference if admission's
+        estimate was short, so a budget can never be overspent; 429 insufficient_quota if it cannot hold it."""
+        if prompt_tokens <= self.est_prompt_tokens:
+            return
+        extra = self.price.cost(prompt_tokens, self.max_tokens) - self.reserved_usd
+        if extra > 0 and self.reservation is not None:
+            try:
+                self.gov.budgets.top_up(self.reservation, key_id=self.principal.key_id, team=self.principal.team,
+                                        extra_usd=extra, key_budget=self.principal.budget,
+                                        team_budget=self.team_budget)
+            except GovernanceError as exc:  # refused as at admission: no ledger row, nothing held
+                self.refuse(exc)
+                raise
+            self.reserved_usd += extra
+        self.est_prompt_tokens = prompt_tokens
+
+    def refuse(self, exc: GovernanceError) -> None:
+        """End an admitted request that governance refuses before anything was sent: free its reservation and
+        limiter hold without charging it (as a refusal at admission)."""
+        if self.settled is not None:
+            return
+        gov = self.gov
+        gov.budgets.release(self.reservation)
+        if self.lease is not None:
+            gov.limiter.settle_tokens(self.lease, 0)
+            if self.owns_lease:
+                gov.limiter.release(self.lease)
+        gov.count_rejection(exc, self.ctx)
+        self.settled = {"model": self.model, "adapter": self.adapter, "prompt_tokens": 0, "completion_tokens": 0,
+                        "cost_usd": 0.0, "reserved_usd": self.reserved_usd, "guardrails": self.guardrails}
+        if self.ctx is None:
+            p = self.principal
+            gov.write_audit({"event": "request", "request_id": self.request_id, "key_id": p.key_id, "team": p.team,
+                             "role": p.role, "route": self.route, "status": exc.status, "error": exc.code,
+                             **self.settled})
 
     # --- outputs -------------------------------------------------------------------------------------------
     def output_guard(self) -> StreamGuard:
@@ -202,6 +239,7 @@ class Governance:
         a = self.config.audit
         self.audit = AuditLog(self.config.audit_path(), max_bytes=a.max_bytes, backups=a.backups, fsync=a.fsync)
         self._prices = prices
+        self.instance: str | None = None  # the gateway replica holding this object: audit entries name it
         self._config_prices = {name: p.price() for name, p in self.config.prices.items()}
         self.rejections = None
         if registry is not None:
@@ -357,8 +395,9 @@ class Governance:
         lease = self.limiter.admit(subjects, tokens=prompt_tokens + max_tokens, count_request=owns)
         try:
             reserved = price.cost(prompt_tokens, max_tokens)
+            team_budget = team.budget if team else None
             reservation = self.budgets.reserve(key_id=principal.key_id, team=principal.team, amount_usd=reserved,
-                                               key_budget=principal.budget, team_budget=team.budget if team else None)
+                                               key_budget=principal.budget, team_budget=team_budget)
         except BaseException:
             self.limiter.settle_tokens(lease, 0)
             if owns:
@@ -366,7 +405,7 @@ class Governance:
             raise
         ticket = Ticket(self, principal, route=route, model=model, adapter=adapter, price=price,
                         prompt_tokens=prompt_tokens, max_tokens=max_tokens, reservation=reservation,
-                        reserved_usd=reserved, lease=lease, owns_lease=owns, ctx=ctx, prompt=prompt,
+                        reserved_usd=reserved, team_budget=team_budget, lease=lease, owns_lease=owns, ctx=ctx, prompt=prompt,
                         guardrails=guardrails, output_action=policy.output, output_kinds=policy.kinds,
                         request_id=ctx.request_id if ctx else "req-" + secrets.token_hex(8))
         if ctx is not None:
@@ -381,7 +420,7 @@ class Governance:
             self.rejections.labels(exc.code).inc()
 
     def write_audit(self, entry: dict[str, Any]) -> dict[str, Any]:
-        return self.audit.write({k: v for k, v in entry.items() if v is not None})
+        return self.audit.write({k: v for k, v in {**entry, "gateway": self.instance}.items() if v is not None})
 
     def admin_event(self, action: str, actor: str, **details) -> None:
         """An admin action from outside HTTP (the CLI)."""
