@@ -4,7 +4,8 @@ Keys and spend are one state for both: a key made through one is served by the o
 both under concurrent requests, and a revocation through either refuses the key on both from the next request.
 A SIGKILL of one gateway replica's process under 24 concurrent requests (the official openai client, which retries
 a connection lost before the response) loses none: every answer equals the no-fault run's, each request is charged
-once, and Serve restarts the replica, which serves again.
+once, the killed replica's budget reservations stop holding the budget once unrenewed, and Serve restarts the
+replica, which serves again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PRICE_IN, PRICE_OUT = 100.0, 300.0  # USD per 1M tokens: every request's cost is visible
 CONFIG = small_config({"dtype": "float32", "price": {"input_per_1m": PRICE_IN, "output_per_1m": PRICE_OUT}},
-                      server={"num_replicas": 2}, governance={"enabled": True})
+                      server={"num_replicas": 2}, governance={"enabled": True, "reservation_ttl_s": 8})
 TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks", "salt", "kites", "moss", "bells",
           "ink", "wool", "ferns", "lamps", "caves", "rope", "figs", "snow", "tea", "coins", "wheels", "sails"]
 
@@ -132,7 +133,7 @@ def _try(c, topic) -> str:
 
 def test_killing_a_gateway_replica_loses_no_request(server):
     wait_for_gateways(server)
-    key, kid = make_key(server, name="chaos")
+    key, kid = make_key(server, name="chaos", budget_usd=100)
     retrying = client(server, key, retries=3)
     with ThreadPoolExecutor(24) as pool:
         baseline = list(pool.map(lambda t: ask(retrying, t), TOPICS))
@@ -160,6 +161,16 @@ def test_killing_a_gateway_replica_loses_no_request(server):
     usage = httpx.get(server.base + "/v1/usage", params={"group_by": "key_id", "key_id": kid}, timeout=60,
                       headers={"Authorization": f"Bearer {server.admin_key}"}).json()
     assert usage["data"][0]["requests"] == 2 * len(TOPICS)
+    deadline = time.monotonic() + 60  # the killed gateway's reservations stop counting once unrenewed (8 s)
+    while True:
+        keys = httpx.get(server.base + "/v1/admin/keys", timeout=60,
+                         headers={"Authorization": f"Bearer {server.admin_key}"}).json()["data"]
+        status = next(k["budget_status"] for k in keys if k["id"] == kid)
+        if status["reserved_usd"] == 0:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert status["spent_usd"] == pytest.approx(usage["total_cost_usd"])
 
     seen = {r["gateway"] for r in requests_of(server, kid)}
     wait_for_gateways(server)  # Serve replaced the killed replica: a new process, which serves once it is up

@@ -208,6 +208,51 @@ def test_a_short_prompt_estimate_is_topped_up_and_never_overspends(gov):
     assert [(e["status"], e.get("error")) for e in gov.audit.query(key_id=rec.id)] == [(429, "insufficient_quota"), (200, None)]
 
 
+def test_a_dead_gateways_reservations_stop_holding_the_budget(tmp_path):
+    """Two processes' books on one database: the live one renews its reservation past the TTL; the dead one's
+    (no renewal) stops counting after it, so a killed gateway replica never holds a budget for long."""
+    from serving.governance.budgets import BudgetBook
+    from serving.governance.config import Budget
+    from serving.governance.db import Database
+
+    db = Database(tmp_path / "gov.db")
+    live, dead = BudgetBook(db, reservation_ttl_s=0.4), BudgetBook(db, reservation_ttl_s=0.4)
+    budget = Budget(amount_usd=1.0, period="day")
+    reserve = lambda book, usd: book.reserve(key_id="k", team="t", amount_usd=usd, key_budget=budget, team_budget=None)
+    kept = reserve(live, 0.5)
+    lost = reserve(dead, 0.5)
+    dead.stop()  # the process is gone: nothing renews its reservation any more
+    with pytest.raises(GovernanceError):
+        reserve(live, 0.1)
+    time.sleep(0.7)  # past the TTL: the live book renewed (every 0.1 s), the dead one did not
+    assert live.status(key_id="k", budget=budget)["reserved_usd"] == pytest.approx(0.5)
+    reserve(live, 0.4)  # the dead reservation no longer counts (and is cleaned up)
+    ids = {r["id"] for r in db.query("SELECT id FROM reservations")}
+    assert kept in ids and lost not in ids
+    db.close()
+
+
+def test_a_database_from_before_reservation_owners_is_migrated(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE reservations (id TEXT PRIMARY KEY, key_id TEXT NOT NULL, team TEXT NOT NULL, "
+                "amount_usd REAL NOT NULL, created_at REAL NOT NULL)")
+    old.execute("INSERT INTO reservations VALUES ('r1', 'k', 't', 0.25, ?)", (time.time(),))
+    old.commit()
+    old.close()
+    from serving.governance.budgets import BudgetBook
+    from serving.governance.config import Budget
+    from serving.governance.db import Database
+
+    db = Database(path)
+    book = BudgetBook(db)
+    budget = Budget(amount_usd=1.0, period="day")
+    assert book.status(key_id="k", budget=budget)["reserved_usd"] == pytest.approx(0.25)
+    book.reserve(key_id="k", team="t", amount_usd=0.5, key_budget=budget, team_budget=None)
+    assert book.status(key_id="k", budget=budget)["reserved_usd"] == pytest.approx(0.75)
+    db.close()
+
+
 def test_unpriced_model_is_refused_not_free(gov):
     p = gov.keys.create(name="x")[1].principal()
     with pytest.raises(GovernanceError) as e:

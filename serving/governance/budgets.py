@@ -2,11 +2,15 @@
 
 The check (spent this period + open reservations + this request <= budget) and the insert happen in one
 BEGIN IMMEDIATE transaction, so concurrent requests, threads or processes can never overrun a budget.
+Each process renews its open reservations every ttl/4; those of a process that died (a killed gateway
+replica) stop being renewed and stop counting after `ttl`, so a crash never holds a budget for long.
 """
 
 from __future__ import annotations
 
 import secrets
+import sqlite3
+import threading
 import time
 
 from serving.governance.config import Budget
@@ -16,16 +20,44 @@ from serving.governance.spend import insert_usage, period_bounds
 
 
 class BudgetBook:
-    def __init__(self, db: Database, reservation_ttl_s: float = 3600.0):
+    def __init__(self, db: Database, reservation_ttl_s: float = 120.0):
         self.db = db
         self.ttl = reservation_ttl_s
+        self.owner = secrets.token_hex(8)  # this process's reservations, renewed by its heartbeat
+        self._heartbeat: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def renew(self) -> None:
+        """Keep this process's open reservations alive (the heartbeat calls it every ttl/4)."""
+        with self.db.tx() as c:
+            c.execute("UPDATE reservations SET touched_at = ? WHERE owner = ?", (time.time(), self.owner))
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            return
+
+        def beat():
+            while not self._stopped.wait(self.ttl / 4):
+                try:
+                    self.renew()
+                except sqlite3.ProgrammingError:  # the database was closed: this book is done
+                    return
+                except sqlite3.Error:  # busy or I/O trouble: try again next beat
+                    continue
+
+        self._heartbeat = threading.Thread(target=beat, name="budget-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def stop(self) -> None:
+        """No more renewals (shutdown): open reservations then expire after the TTL."""
+        self._stopped.set()
 
     def _state(self, c, column: str, value: str, budget: Budget, now: float) -> tuple[float, float, float, float]:
         start, end = period_bounds(budget.period, now)
         spent = c.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM period_spend WHERE scope = ? AND subject = ? "
                           "AND period = ? AND start = ?", (column, value, budget.period, start)).fetchone()[0]
-        held = c.execute(f"SELECT COALESCE(SUM(amount_usd), 0) FROM reservations WHERE {column} = ?",
-                         (value,)).fetchone()[0]
+        held = c.execute(f"SELECT COALESCE(SUM(amount_usd), 0) FROM reservations WHERE {column} = ? "
+                         "AND COALESCE(touched_at, created_at) >= ?", (value, now - self.ttl)).fetchone()[0]
         return spent, held, start, end
 
     def reserve(self, *, key_id: str, team: str, amount_usd: float, key_budget: Budget | None,
@@ -35,10 +67,12 @@ class BudgetBook:
             return None
         rid = secrets.token_hex(8)
         now = time.time()
+        self._start_heartbeat()
         with self.db.tx() as c:
-            c.execute("DELETE FROM reservations WHERE created_at < ?", (now - self.ttl,))
+            c.execute("DELETE FROM reservations WHERE COALESCE(touched_at, created_at) < ?", (now - self.ttl,))
             self._check(c, key_id, team, amount_usd, key_budget, team_budget, now)
-            c.execute("INSERT INTO reservations VALUES (?,?,?,?,?)", (rid, key_id, team, amount_usd, now))
+            c.execute("INSERT INTO reservations (id, key_id, team, amount_usd, created_at, owner, touched_at) "
+                      "VALUES (?,?,?,?,?,?,?)", (rid, key_id, team, amount_usd, now, self.owner, now))
         return rid
 
     def top_up(self, reservation_id: str | None, *, key_id: str, team: str, extra_usd: float,

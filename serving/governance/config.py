@@ -113,7 +113,8 @@ class GovernanceConfig(_Strict):
     audit: AuditConfig = AuditConfig()
     prices: dict[str, ModelPrice] = Field(default_factory=dict)  # model -> price, if the gateway passes none
     route_roles: list[RouteRole] = Field(default_factory=list)
-    reservation_ttl_s: float = Field(3600.0, gt=0)  # a crashed request's budget reservation expires
+    # a reservation its gateway stops renewing (the process died) stops counting after this; live ones renew
+    reservation_ttl_s: float = Field(120.0, gt=0)
     stream_holdback_chars: int = Field(64, ge=8)
 
     def database_path(self) -> Path:

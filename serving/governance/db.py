@@ -62,9 +62,13 @@ CREATE TABLE IF NOT EXISTS reservations (
     key_id TEXT NOT NULL,
     team TEXT NOT NULL,
     amount_usd REAL NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    touched_at REAL
 );
 """
+
+MIGRATIONS = [("owner", "TEXT NOT NULL DEFAULT ''"), ("touched_at", "REAL")]
 
 
 class Database:
@@ -82,6 +86,10 @@ class Database:
         self._conn.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._conn.executescript(SCHEMA)
+            have = {r["name"] for r in self._conn.execute("PRAGMA table_info(reservations)")}
+            for column, decl in MIGRATIONS:  # columns added since a database was made
+                if column not in have:
+                    self._conn.execute(f"ALTER TABLE reservations ADD COLUMN {column} {decl}")
 
     def tx(self):
         """A write transaction: other writers (threads or processes) wait until it commits."""
