@@ -4,13 +4,16 @@ it to min_replicas, and requests running while a replica is drained all complete
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.serve_helpers import MODEL, Server, small_config
 
+ART = Path(__file__).resolve().parent.parent / "test-artifacts"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CONFIG = small_config({"num_threads": 1, "autoscaling": {
@@ -46,14 +49,22 @@ def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
             await asyncio.gather(watch(), *(user(c, i) for i in range(concurrency)))
         return statuses
 
+    def first(n: int) -> float | None:  # seconds from the phase's start until `n` replicas were running
+        return next((round(t - seen[0][0], 1) for t, k in seen if k == n), None)
+
     try:
         assert running(server) == 1
         busy = asyncio.run(load(40, 12))
         assert max(n for _, n in seen) == 2, seen  # grew to max_replicas under load
         assert set(busy) == {200}
+        figures = {"scale_up_s": first(2), "busy_requests": len(busy)}
         seen.clear()
         # light load (one user): the deployment shrinks to min_replicas while that user's requests keep completing
         light = asyncio.run(load(30, 1))
         assert seen[-1][1] == 1 and set(light) == {200}, (seen, light)
+        figures.update(scale_down_s=first(1), light_requests=len(light), failed=0)
+        ART.mkdir(parents=True, exist_ok=True)  # the README's autoscaling figures come from here
+        (ART / "autoscaling.json").write_text(json.dumps(figures))
+        print(json.dumps(figures))
     finally:
         server.stop()
