@@ -1,9 +1,10 @@
 """Where served adapters come from: sources (local folders, MLflow URIs), allowed roots, the shared registry.
 
 Adapters named in the serve config are loaded at start-up. Adapters added through `POST /v1/adapters` are
-recorded in $LORAPLEX_HOME/adapters/registry.json as well, so every replica of a model (Serve has no
-broadcast) and a restarted server find them: a replica that meets an adapter it does not hold looks it up
-there and loads it. Local folders given through the API must lie inside the configured adapter roots
+recorded in $LORAPLEX_HOME/adapters/registry.json (a restarted server finds them) and, inside a Ray cluster,
+in the cluster's key-value store (Ray's GCS), so a replica on any node, also one started later, finds them: a
+replica that meets an adapter it does not hold looks it up there and loads it. (The adapter's files must be
+readable there too: an MLflow registry on a tracking server, or a folder on storage every node mounts.) Local folders given through the API must lie inside the configured adapter roots
 (default: $LORAPLEX_HOME/adapters and the local MLflow artifact store), so a client cannot make the server
 read arbitrary paths; config-file adapters are the operator's choice and are not restricted.
 """
@@ -68,14 +69,49 @@ def _registry_file() -> Path:
     return subdir("adapters") / "registry.json"
 
 
-def read_registry() -> dict[str, dict]:
-    """{base model: {adapter name: entry}} of adapters added at run time; an entry is the source, or
-    {"source", "force"} for one loaded with force (see `entry`)."""
-    path = _registry_file()
+KV_KEY, KV_NAMESPACE = "adapter-registry", "loraplex"
+
+
+def _cluster_kv():
+    """Ray's cluster-wide key-value store when this process is part of a Ray cluster, else None."""
     try:
-        return json.loads(path.read_text())
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.experimental import internal_kv
+
+        return internal_kv if internal_kv._internal_kv_initialized() else None
+    except Exception:  # noqa: BLE001 - no Ray, or a Ray without the store: the file alone
+        return None
+
+
+def _read_file() -> dict[str, dict]:
+    try:
+        return json.loads(_registry_file().read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+def read_registry() -> dict[str, dict]:
+    """{base model: {adapter name: entry}} of adapters added at run time (the cluster's copy where there is
+    one, else this machine's file); an entry is the source, or {"source", "force"} for one loaded with force."""
+    kv = _cluster_kv()
+    if kv is not None:
+        raw = kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+        if raw is not None:
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                pass
+    return _read_file()
+
+
+def publish_registry() -> None:
+    """Give the cluster this machine's registry if it has none yet (a gateway starting on a new cluster)."""
+    kv = _cluster_kv()
+    if kv is not None and not kv._internal_kv_exists(KV_KEY, namespace=KV_NAMESPACE):
+        kv._internal_kv_put(KV_KEY, json.dumps(_read_file()), overwrite=False, namespace=KV_NAMESPACE)
 
 
 def _write_registry(data: dict) -> None:
@@ -104,3 +140,6 @@ def record(base: str, name: str, source: str | None, force: bool = False) -> Non
         else:
             data.setdefault(base, {})[name] = {"source": source, "force": True} if force else source
         _write_registry(data)
+        kv = _cluster_kv()
+        if kv is not None:
+            kv._internal_kv_put(KV_KEY, json.dumps(data), overwrite=True, namespace=KV_NAMESPACE)

@@ -39,8 +39,9 @@ class Deployments:
         self.identities: dict[str, str] = {}
         for m in config.models:
             self.learn_names(m.name, m.identity().names())
-        from serving.adapters import read_registry
+        from serving.adapters import publish_registry, read_registry
 
+        publish_registry()
         # adapter name -> base model, so `model: "<adapter>"` works without the base prefix
         self.adapter_bases = {a.name: a.base for a in config.adapters}
         for base, names in read_registry().items():
