@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on one machine: `ray start --head` and `ray start --address` (separate raylets),
-`loraplex serve --address` on it, one model replica per node (a custom resource each node has one of).
+with token auth (each node and `loraplex serve --address` present the cluster's token; a driver without it is
+refused), one model replica per node (a custom resource each node has one of).
 
 Replicas on both nodes serve; killing the worker node's raylet mid-generation fails its streams over to the head
 node's replica, and every stream still ends with the no-fault text.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from tests.test_replicas_e2e import run_streams, wait_for_replicas
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
+TOKEN_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 CONFIG = small_config(
     {"num_replicas": 2, "num_threads": 1, "dtype": "float32",  # exact against the no-fault run (test_replicas_e2e)
      "ray_actor_options": {"num_cpus": 0, "resources": {"replica_slot": 1}}},  # one replica per node
@@ -48,7 +51,7 @@ def replicas(address: str, within_s: float = 90) -> dict:
     deadline = time.monotonic() + within_s
     while True:
         r = subprocess.run([sys.executable, "-c", INSPECT, address, MODEL], capture_output=True, text=True,
-                           timeout=180, env={**os.environ, "RAY_ADDRESS": ""})
+                           timeout=180, env={**os.environ, "RAY_ADDRESS": "", **TOKEN_ENV})
         if r.returncode == 0:
             return json.loads(r.stdout.strip().splitlines()[-1])
         assert time.monotonic() < deadline and "ActorUnavailableError" in r.stderr, r.stderr[-3000:]
@@ -72,7 +75,8 @@ def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode")
     port, worker_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}  # a test cluster: no token to share
+    # token auth, as Ray 2.60's `ray start --head` turns on by default: every node and driver presents the token
+    env = {**os.environ, "RAY_ADDRESS": "", **TOKEN_ENV}
     common = ["--num-cpus", "2", "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
                     "--resources", json.dumps({"replica_slot": 1, "head_node": 1}), *common],
@@ -83,7 +87,7 @@ def cluster(tmp_path_factory):
                         "--resources", json.dumps({"replica_slot": 1, "worker_node": 1}), *common],
                        check=True, capture_output=True, env=env, timeout=180)
         server = Server(tmp, CONFIG)
-        server.env["RAY_ADDRESS"] = address  # `loraplex serve` joins the cluster ($RAY_ADDRESS or --address)
+        server.env.update(RAY_ADDRESS=address, **TOKEN_ENV)  # `loraplex serve` joins the cluster with the token
         server.start(timeout=600)  # ready once one replica serves: wait for the other node's too
         wait_for_replicas(server, 2, local=False)
         yield server, address, worker_port
@@ -119,3 +123,13 @@ def test_replicas_on_both_nodes_serve_and_the_worker_node_fails_over(cluster):
         assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
     after = replicas(address)
     assert [r["node"] for r in after.values()] == ["head"], after
+
+
+def test_a_driver_without_the_clusters_token_is_refused(cluster, tmp_path):
+    _, address, _ = cluster
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    r = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); print('joined')"],
+                       capture_output=True, text=True, timeout=180,
+                       env={**env, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "HOME": str(tmp_path)})
+    assert r.returncode != 0 and "joined" not in r.stdout
+    assert "token" in r.stderr.lower(), r.stderr[-2000:]
