@@ -1,11 +1,12 @@
-"""Two gateway replicas on real Ray Serve (the proxy spreads requests over them), one model replica.
+"""Two gateway replicas on real Ray Serve (the proxy spreads requests over them), two model replicas.
 
 Keys and spend are one state for both: a key made through one is served by the other, one budget holds across
 both under concurrent requests, and a revocation through either refuses the key on both from the next request.
 A SIGKILL of one gateway replica's process under 24 concurrent requests (the official openai client, which retries
 a connection lost before the response) loses none: every answer equals the no-fault run's, each request is charged
 once, the killed replica's budget reservations stop holding the budget once unrenewed, and Serve restarts the
-replica, which serves again.
+replica, which serves again. While it restarts, 24 streams through the other gateway survive a model replica's
+SIGKILL mid-generation with the no-fault text.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import openai
 import pytest
 
 from tests.serve_helpers import MODEL, Server, small_config
-from tests.test_replicas_e2e import audit_entries
+from tests.test_replicas_e2e import audit_entries, run_streams, wait_for_replicas
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PRICE_IN, PRICE_OUT = 100.0, 300.0  # USD per 1M tokens: every request's cost is visible
-CONFIG = small_config({"dtype": "float32", "price": {"input_per_1m": PRICE_IN, "output_per_1m": PRICE_OUT}},
+CONFIG = small_config({"num_replicas": 2, "dtype": "float32", "price": {"input_per_1m": PRICE_IN, "output_per_1m": PRICE_OUT}},
                       server={"num_replicas": 2}, governance={"enabled": True, "reservation_ttl_s": 8})
 TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks", "salt", "kites", "moss", "bells",
           "ink", "wool", "ferns", "lamps", "caves", "rope", "figs", "snow", "tea", "coins", "wheels", "sails"]
@@ -181,3 +182,23 @@ def test_killing_a_gateway_replica_loses_no_request(server):
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(lambda t: ask(retrying, t), TOPICS[:8])) == baseline[:8]
         time.sleep(1)
+
+
+def test_a_model_replica_killed_while_a_gateway_replica_restarts_loses_no_stream(server):
+    """A gateway replica is killed; while Serve restarts it, 24 streams run through the other one and a model
+    replica is killed mid-generation: every stream fails over and ends with the no-fault text."""
+    wait_for_gateways(server)
+    wait_for_replicas(server, 2)
+    key, _ = make_key(server, name="streams")
+    auth = {"Authorization": f"Bearer {key}"}
+    baseline, _ = run_streams(server, headers=auth)
+    assert all(r["finish_reason"] and not r["errors"] for r in baseline)
+    os.kill(random.choice(gateway_pids(server.home)), signal.SIGKILL)
+    time.sleep(1)  # Serve notices the dead gateway replica and starts another (it takes seconds to serve)
+    results, killed = run_streams(server, kill_when=lambda n: n >= 24 * 8, headers=auth)
+    assert killed, "the model replica was not killed"
+    for got, want in zip(results, baseline):
+        assert not got["errors"], got["errors"]
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+    wait_for_gateways(server)
+    wait_for_replicas(server, 2)

@@ -87,13 +87,13 @@ async def one_stream(client: httpx.AsyncClient, topic: str, progress: list) -> d
     return {"text": "".join(text), "usage": usage, "finish_reason": reason, "errors": errors}
 
 
-def run_streams(server: Server, kill_when=None) -> tuple[list[dict], list[int]]:
+def run_streams(server: Server, kill_when=None, headers: dict | None = None) -> tuple[list[dict], list[int]]:
     """24 concurrent streams; `kill_when(chunks received)` true -> SIGKILL one replica (once)."""
     killed: list[int] = []
 
     async def go():
         progress: list = []
-        async with httpx.AsyncClient(base_url=server.base, timeout=300) as client:
+        async with httpx.AsyncClient(base_url=server.base, timeout=300, headers=headers) as client:
             tasks = [asyncio.ensure_future(one_stream(client, t, progress)) for t in TOPICS]
             while kill_when is not None and not killed and not all(t.done() for t in tasks):
                 if kill_when(len(progress)):
