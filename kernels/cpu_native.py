@@ -39,6 +39,7 @@ SIGNATURES = {
     "lp_lora_runs_bf16w": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_limits": [_P, _P, _P, _P],
     "lp_linear_bf16": [_P, _I64, _I32, _I64, _P, _I64, _P, _P, _I32],
+    "lp_linear_i8": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
     "lp_has_avx512bf16": [],
     "lp_decode_layers_bf16": [_P, _I32, _P, _P, _I32, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _I64, _P, _I32,
                               _I32, _F, _F, _I32],

@@ -51,7 +51,7 @@ def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
 
 def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
     """A CPU without AVX512-BF16 (built here with -mno-avx512bf16 after -march=native): the C GEMV's widened scalar
-    loops give the same bf16-rounded results, and bf16 decode attention still runs."""
+    loops give the same bf16-rounded results (the int8 kernel's too), and bf16 decode attention still runs."""
     import os
     import subprocess
     import sys
@@ -70,6 +70,10 @@ def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
             "assert lin._lib is not None\n"
             "ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()\n"
             "torch.testing.assert_close(lin(x), ref, atol=1e-2, rtol=8e-3)\n"
+            "from serving.engine.linear import Int8Linear\n"
+            "q = Int8Linear(w, b)\n"
+            "assert q._lib is not None\n"
+            "torch.testing.assert_close(q(x), x.bfloat16().float() @ q.dequantized().t() + b, atol=1e-5, rtol=1e-5)\n"
             "print('ok')\n")
     env = dict(os.environ, CC=str(cc), LORAPLEX_HOME=str(tmp_path / "home"))
     env.pop("LORAPLEX_KERNELS", None)
@@ -85,14 +89,25 @@ def test_fp32_projection_is_packed_and_drops_the_dense_weight():
     assert not hasattr(lin, "weight")
 
 
-def test_int8_projection_is_its_dequantized_weight():
-    w, b, x = _weights(seed=1)
+def test_int8_projection_is_its_dequantized_weight(monkeypatch):
+    """Our C kernel (every row count, a last group of fewer than 4 weight rows) equals a float32 matmul of the
+    bf16-rounded x and the dequantized weight, and agrees with torch's fused int8 op within its bf16 output."""
+    w, b, _ = _weights(n=98, seed=1)
     lin = Int8Linear(w, b)
-    assert lin.qweight.dtype == torch.int8 and int(lin.qweight.abs().max()) == 127
+    assert lin.qweight.dtype == torch.int8 and int(lin.qweight.abs().max()) == 127 and lin._lib is not None
     deq = lin.dequantized()
     assert float((deq - w).abs().max()) <= float(w.abs().max()) / 127  # within half a step per channel... twice
-    ref = x.bfloat16().float() @ deq.t() + b
-    torch.testing.assert_close(lin(x), ref, atol=3e-2, rtol=2e-2)
+    calls = []
+    real = lin._lib.lp_linear_i8
+    monkeypatch.setattr(lin, "_lib", type("Spy", (), {"lp_linear_i8": staticmethod(
+        lambda *a: calls.append(a[2]) or real(*a))})())
+    for rows in (1, 2, 3, 8, 33):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+        ref = x.bfloat16().float() @ deq.t() + b
+        torch.testing.assert_close(lin(x), ref, atol=1e-5, rtol=1e-5)
+        fused = torch._weight_int8pack_mm(x.bfloat16(), lin.qweight, lin.scales).float() + b
+        torch.testing.assert_close(lin(x), fused, atol=3e-2, rtol=2e-2)
+    assert calls == [1, 1, 2, 2, 3, 3, 8, 8, 33, 33]
 
 
 def test_int4_projection_is_q4_1_of_its_weight():

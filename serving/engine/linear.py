@@ -6,8 +6,9 @@
 - bfloat16: half the weight bytes per step; our C GEMV up to 8 rows, oneDNN's AVX512-BF16 GEMM for more
   (its emulation, and the C kernel's widened loops, where the CPU lacks AVX512-BF16).
 - int8 (per output channel, symmetric) and int4 (groups of 32 along the input, asymmetric, as GGUF's Q4_1):
-  weight-only quantized at load, run by torch's fused dequantize-and-multiply CPU ops
-  (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, the ones torchao uses); activations meet them in
+  weight-only quantized at load. int8 runs our C kernel (each weight row widened to bf16 once per step, in
+  cache, then AVX512-BF16 dot products with every activation row); int4 runs torch's fused
+  dequantize-and-multiply CPU op (`_weight_int4pack_mm_for_cpu`, the one torchao uses); activations meet them in
   bfloat16. Quantizing at load keeps one loader for every checkpoint (safetensors or our converted GGUF).
 
 Why activations stay float32 around bf16/quantized weights: the residual stream, norms, RoPE, softmax and the
@@ -36,6 +37,8 @@ def bf16_native() -> bool:
 def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     """One line for `loraplex prepare` and the log: which weight path runs on this CPU."""
     native = "AVX512-BF16" if bf16_native() else "bf16 emulated (this CPU lacks AVX512-BF16)"
+    if quantization == "int8":
+        return f"int8 weights (C kernel: rows widened to bf16 once per step, {native})"
     if quantization:
         return f"{quantization} weights (torch fused dequant-matmul, {native} activations)"
     if dtype == torch.bfloat16:
@@ -102,7 +105,8 @@ class BF16Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8: w ~ q * scale[out], q in [-127, 127]."""
+    """Weight-only int8: w ~ q * scale[out], q in [-127, 127]. Our C kernel (lp_linear_i8: int8 rows widened to
+    bf16 once per step, AVX512-BF16 dot products) for every row count; torch's fused op where it cannot run."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -111,7 +115,11 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.scales_f32 = self.scales.float()  # the C kernel's operand (the bf16-rounded scales torch's op uses)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        from kernels import cpu_native
+
+        self._lib = cpu_native.lib() if self.in_features % 32 == 0 and cpu_native.usable() else None
 
     @property
     def nbytes(self) -> int:
@@ -121,6 +129,15 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lib is not None and x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32:
+            from kernels import cpu_native
+
+            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+            self._lib.lp_linear_i8(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.qweight.data_ptr(),
+                                   self.scales_f32.data_ptr(), self.out_features,
+                                   None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                                   cpu_native.threads())
+            return y
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).float()
         return y if self.bias is None else y + self.bias
 
