@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from tests.serve_helpers import MODEL, Server, small_config
-from tests.test_replicas_e2e import audit_entries, run_streams, wait_for_replicas
+from tests.test_replicas_e2e import audit_entries, replica_pids, run_streams, wait_for_replicas
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -37,18 +37,7 @@ TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks",
 
 
 def gateway_pids(home: Path) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if b"ServeReplica:loraplex:gateway" not in (d / "cmdline").read_bytes():
-                continue
-            if f"LORAPLEX_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return sorted(pids)
+    return replica_pids(home, "gateway")
 
 
 def wait_for_gateways(server: Server, n: int = 2, timeout: float = 180) -> None:

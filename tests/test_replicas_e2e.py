@@ -36,15 +36,17 @@ TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks",
 MAX_TOKENS = 40
 
 
-def replica_pids(home: Path) -> list[int]:
-    """PIDs of this server's model replicas (Ray names the process after the actor; its env has our home)."""
+def replica_pids(home: Path, deployment: str = "llm-") -> list[int]:
+    """PIDs of this server's replicas of a deployment (the model ones by default; Ray names the process after the
+    actor; its env has our home)."""
+    marker = f"ServeReplica:loraplex:{deployment}".encode()
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
-            if b"ServeReplica:loraplex:llm-" not in cmd:
+            if marker not in cmd:
                 continue
             if f"LORAPLEX_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
                 pids.append(int(d.name))

@@ -91,11 +91,11 @@ class Ticket:
 
     def confirm_prompt(self, prompt_tokens: int) -> None:
         """The replica counted the prompt (chat template included): reserve the difference if admission's
-        estimate was short, so a budget can never be overspent; 429 insufficient_quota if it cannot hold it."""
-        if prompt_tokens <= self.est_prompt_tokens:
-            return
+        estimate was short (or a route fell back to a dearer model), so a budget can never be overspent; 429
+        insufficient_quota, uncharged, if it cannot hold it."""
+        prompt_tokens = max(int(prompt_tokens), self.est_prompt_tokens)
         extra = self.price.cost(prompt_tokens, self.max_tokens) - self.reserved_usd
-        if extra > 0 and self.reservation is not None:
+        if extra > 1e-12 and self.reservation is not None:
             try:
                 self.gov.budgets.top_up(self.reservation, key_id=self.principal.key_id, team=self.principal.team,
                                         extra_usd=extra, key_budget=self.principal.budget,
