@@ -1,5 +1,5 @@
-"""The fused bf16 decode step (serving.engine.fused_decode): bitwise the per-op path's logits, taken exactly when
-it applies (decode-only, up to GEMV_ROWS rows, no LoRA, bf16 projections), and never for layers it cannot run."""
+"""The fused decode step (serving.engine.fused_decode): bitwise the per-op path's logits, taken exactly when it
+applies (decode-only, up to GEMV_ROWS rows, no LoRA, bf16 or int8 projections), and never where it cannot run."""
 
 import pytest
 import torch
@@ -29,10 +29,11 @@ def _logits_per_step(engine, prompts, fused, params, lora_names=None):
     return steps, calls, [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased q/k/v projections
-def test_fused_step_equals_the_per_op_path_bitwise(arch, tiny_model_factory):
+@pytest.mark.parametrize("arch,quantization", [("llama", None), ("qwen2", None), ("llama", "int8")],
+                         ids=["llama", "qwen2", "llama-int8"])  # qwen2: biased q/k/v projections
+def test_fused_step_equals_the_per_op_path_bitwise(arch, quantization, tiny_model_factory):
     engine = LLMEngine(EngineConfig(model=tiny_model_factory(arch), dtype="bfloat16", num_kv_blocks=64,
-                                    block_size=8, enable_prefix_caching=False))
+                                    block_size=8, enable_prefix_caching=False, quantization=quantization))
     fused = engine.model.fused
     assert isinstance(fused, FusedDecode)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -63,11 +64,11 @@ def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
 
 
 def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_path):
-    """Qwen3's q/k norms and float32 or quantized weights build no fused path; nine rows, a prefill and a
+    """Qwen3's q/k norms and float32 or int4 weights build no fused path; nine rows, a prefill and a
     LoRA batch run per op."""
     assert LLMEngine(EngineConfig(model=tiny_model_factory("qwen3"), dtype="bfloat16", num_kv_blocks=32,
                                   block_size=8)).model.fused is None
-    for kw in (dict(dtype="float32"), dict(quantization="int8")):
+    for kw in (dict(dtype="float32"), dict(quantization="int4")):
         assert LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=32, block_size=8,
                                       **kw)).model.fused is None
     path = tiny_model_factory("llama")

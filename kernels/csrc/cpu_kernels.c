@@ -486,23 +486,34 @@ void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8
     free(xb);
 }
 
-/* Every decoder layer of a decode-only step of a few tokens (M <= BF16Linear.GEMV_ROWS) over bfloat16 weights,
- * in one call: the same kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16, lp_rope_f32, the
+/* A projection of the fused step: int8 weights with their float32 row scales (scale != 0), else bfloat16. */
+static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, int64_t w, int64_t scale, int64_t N,
+                    const float *bias, float *y, int nthreads) {
+    if (scale)
+        lp_linear_i8(x, x_stride, M, K, (const int8_t *)w, (const float *)scale, N, bias, y, nthreads);
+    else
+        lp_linear_bf16(x, x_stride, M, K, (const uint16_t *)w, N, bias, y, nthreads);
+}
+
+/* Every decoder layer of a decode-only step of a few tokens (M <= BF16Linear.GEMV_ROWS) over bfloat16 or int8
+ * weights, in one call: the same kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16 or
+ * lp_linear_i8, lp_rope_f32, the
  * paged decode attention, lp_silu_mul_f32), in the same order, with the same thread counts, so the tokens are
  * bitwise those of the per-op path. What it removes is ~15 Python-level calls per layer (~8 ms of a ~25 ms
  * step on 2 cores).
  *
  * layers: L rows of LP_LAYER_PTRS addresses (serving.engine.fused_decode builds them once): the qkv, o, gate_up
- * and down weights [N, K] bf16, their float32 biases or 0, the two norms' weights, the layer's K and V caches.
+ * and down weights [N, K] (bf16, or int8), their float32 biases or 0, the two norms' weights, the layer's K and V
+ * caches, then the four projections' float32 row scales (int8) or 0 (bf16).
  * r [M, H]: the residual stream, the embeddings on entry, updated in place; d [M, H]: the last MLP output on
  * return (the caller's final norm adds it into r, as the per-op path does). cos/sin [M, D]: the tokens' rows;
  * slots [M]: where each token's K/V goes; block_tables [M, bt_stride], seq_lens [M]: attention's context.
  * The KV caches are bfloat16 (kv_bf16) or float32, [blocks, BS, Hkv, D]. Returns 0, or -1 if out of memory. */
-#define LP_LAYER_PTRS 12
-int lp_decode_layers_bf16(const int64_t *layers, int L, float *r, float *d, int M, int64_t H, int64_t I,
-                          int Hq, int Hkv, int D, const float *cos_t, const float *sin_t, const int64_t *slots,
-                          const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, int BS,
-                          int kv_bf16, float eps, float scale, int nthreads) {
+#define LP_LAYER_PTRS 16
+int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, int64_t H, int64_t I,
+                     int Hq, int Hkv, int D, const float *cos_t, const float *sin_t, const int64_t *slots,
+                     const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, int BS,
+                     int kv_bf16, float eps, float scale, int nthreads) {
     const int64_t QS = (int64_t)Hq * D, KVS = (int64_t)Hkv * D, QKV = QS + 2 * KVS;
     float *buf = (float *)malloc(sizeof(float) * (size_t)M * (size_t)(H + QKV + QS + 2 * I + I));
     if (!buf) return -1;
@@ -510,14 +521,12 @@ int lp_decode_layers_bf16(const int64_t *layers, int L, float *r, float *d, int 
     const int small = M < 4 ? 1 : nthreads; /* kernels.cpu_native.threads(rows): a team costs more than 1-3 rows */
     for (int l = 0; l < L; l++) {
         const int64_t *p = layers + (int64_t)l * LP_LAYER_PTRS;
-        const uint16_t *w_qkv = (const uint16_t *)p[0], *w_o = (const uint16_t *)p[1];
-        const uint16_t *w_gu = (const uint16_t *)p[2], *w_down = (const uint16_t *)p[3];
         const float *b_qkv = (const float *)p[4], *b_o = (const float *)p[5];
         const float *b_gu = (const float *)p[6], *b_down = (const float *)p[7];
         const float *ln1 = (const float *)p[8], *ln2 = (const float *)p[9];
         void *kc = (void *)p[10], *vc = (void *)p[11];
         lp_add_rms_norm_f32(r, H, l ? d : NULL, H, ln1, h, M, H, eps, small);
-        lp_linear_bf16(h, H, M, H, w_qkv, QKV, b_qkv, qkv, nthreads);
+        lp_proj(h, H, M, H, p[0], p[12], QKV, b_qkv, qkv, nthreads);
         lp_rope_f32(qkv, QKV, cos_t, sin_t, M, Hq + Hkv, D, small);
         for (int m = 0; m < M; m++) {  /* this token's K and V into its cache slot */
             const float *k = qkv + m * QKV + QS, *v = k + KVS;
@@ -535,11 +544,11 @@ int lp_decode_layers_bf16(const int64_t *layers, int L, float *r, float *d, int 
         else
             lp_paged_decode_f32(qkv, QKV, (const float *)kc, (const float *)vc, block_tables, bt_stride, seq_lens,
                                 att, M, Hq, Hkv, D, BS, scale, small);
-        lp_linear_bf16(att, QS, M, QS, w_o, H, b_o, d, nthreads);
+        lp_proj(att, QS, M, QS, p[1], p[13], H, b_o, d, nthreads);
         lp_add_rms_norm_f32(r, H, d, H, ln2, h, M, H, eps, small);
-        lp_linear_bf16(h, H, M, H, w_gu, 2 * I, b_gu, gu, nthreads);
+        lp_proj(h, H, M, H, p[2], p[14], 2 * I, b_gu, gu, nthreads);
         lp_silu_mul_f32(gu, act, M, I, small);
-        lp_linear_bf16(act, I, M, I, w_down, H, b_down, d, nthreads);
+        lp_proj(act, I, M, I, p[3], p[15], H, b_down, d, nthreads);
     }
     free(buf);
     return 0;

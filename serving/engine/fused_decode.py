@@ -1,9 +1,9 @@
-"""One C call for every decoder layer of a small decode step on bfloat16 weights (lp_decode_layers_bf16).
+"""One C call for every decoder layer of a small decode step on bfloat16 or int8 weights (lp_decode_layers).
 
-A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth);
+A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8 half);
 the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs the
 same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
-(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear, the batch
+(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear or Int8Linear, the batch
 is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the C attention takes
 the caches; otherwise the per-op path runs. The layers' addresses are gathered once per KV cache allocation.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_attention, cpu_native
-from serving.engine.linear import BF16Linear
+from serving.engine.linear import BF16Linear, Int8Linear
 
 
 def _projections(layer) -> tuple:
@@ -36,13 +36,13 @@ class FusedDecode:
     @classmethod
     def build(cls, model) -> "FusedDecode | None":
         """The fused path for this model, or None where some layer cannot take it (Qwen3's q/k norms, a
-        projection that is not a C-backed BF16Linear, norms with different eps)."""
+        projection that is not a C-backed BF16Linear or Int8Linear, norms with different eps)."""
         if cpu_native.lib() is None:
             return None
         eps = model.layers[0].input_layernorm.eps
         for layer in model.layers:
             if layer.self_attn.q_norm is not None or not all(
-                    isinstance(m, BF16Linear) and m._lib is not None for m in _projections(layer)):
+                    isinstance(m, (BF16Linear, Int8Linear)) and m._lib is not None for m in _projections(layer)):
                 return None
             if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}:
                 return None
@@ -54,10 +54,11 @@ class FusedDecode:
             ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
             rows = []
             for layer, (k, v) in zip(self.model.layers, kv_caches):
-                lins = _projections(layer)  # 12 addresses a layer: lp_decode_layers_bf16's LP_LAYER_PTRS
-                rows.append([ptr(m.weight) for m in lins] + [ptr(m.bias) for m in lins]
+                lins = _projections(layer)  # 16 addresses a layer: lp_decode_layers's LP_LAYER_PTRS
+                int8 = [isinstance(m, Int8Linear) for m in lins]
+                rows.append([ptr(m.qweight if q else m.weight) for m, q in zip(lins, int8)] + [ptr(m.bias) for m in lins]
                             + [ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
-                               ptr(k), ptr(v)])
+                               ptr(k), ptr(v)] + [ptr(m.scales_f32) if q else 0 for m, q in zip(lins, int8)])
             self._table, self._table_key = torch.tensor(rows, dtype=torch.int64), key
         return self._table
 
@@ -79,7 +80,7 @@ class FusedDecode:
         tables, lens = cpu_attention.c_tables(batch.decode_block_tables, batch.decode_seq_lens)
         k = kv_caches[0][0]
         layers = self._layers(kv_caches)
-        rc = cpu_native.lib().lp_decode_layers_bf16(
+        rc = cpu_native.lib().lp_decode_layers(
             layers.data_ptr(), len(self.model.layers), residual.data_ptr(), out.data_ptr(), t, self.hidden,
             self.intermediate, self.hq, self.hkv, self.head_dim, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             tables.data_ptr(), tables.stride(0), lens.data_ptr(), k.shape[1], int(k.dtype == torch.bfloat16),

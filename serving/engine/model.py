@@ -158,7 +158,7 @@ class CausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_dtype: torch.dtype | None = None  # float32 once pack_linears ran; else the weights' dtype
-        self.fused = None  # serving.engine.fused_decode.FusedDecode once bf16 projections are packed; None: per op
+        self.fused = None  # serving.engine.fused_decode.FusedDecode once bf16/int8 projections are packed; None: per op
         self.set_rope(inv_freq, attention_scaling, max_len)
 
     def set_rope(self, inv_freq: torch.Tensor, attention_scaling: float, max_len: int) -> None:
@@ -188,10 +188,9 @@ class CausalLM(nn.Module):
             return False
         self.embed_tokens.to(dtype)
         self.activation_dtype = torch.float32
-        if dtype == torch.bfloat16 and not quantization:
-            from serving.engine.fused_decode import FusedDecode
+        from serving.engine.fused_decode import FusedDecode
 
-            self.fused = FusedDecode.build(self)
+        self.fused = FusedDecode.build(self)  # None unless every projection is C-backed bf16 or int8
         return True
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
