@@ -372,7 +372,8 @@ def test_error_shapes_and_statuses(server, client):
 
 def test_queue_full_is_429_with_retry_after(server):
     """TINY runs one request and queues one; a third concurrent request is refused with 429."""
-    body = {"model": TINY, "messages": HELLO, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # 900 tokens: seconds of decoding even on a fast CPU, so the first is still running when the third arrives
+    body = {"model": TINY, "messages": HELLO, "max_tokens": 900, "ignore_eos": True, "stream": True}
     streams, results = [], []
 
     async def run():
@@ -383,9 +384,11 @@ def test_queue_full_is_429_with_retry_after(server):
                     async for _ in r.aiter_lines():
                         pass
 
-            for _ in range(2):
-                streams.append(asyncio.create_task(long_one()))
-                await asyncio.sleep(1.5)  # the first is running, the second is waiting
+            streams.append(asyncio.create_task(long_one()))
+            while not results:  # the first is streaming
+                await asyncio.sleep(0.05)
+            streams.append(asyncio.create_task(long_one()))
+            await asyncio.sleep(1.0)  # the second has reached the replica and waits
             r = await http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
             for t in streams:
                 t.cancel()
