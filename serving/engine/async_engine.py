@@ -31,10 +31,14 @@ _DONE = object()
 
 
 def _one_thread(fn, *args):
-    """fn(*args) with this (worker) thread's torch/OpenMP team at one thread: no second pool beside the engine's."""
-    import torch
+    """fn(*args) with this worker thread's OpenMP teams at one thread: no second pool beside the engine's. Only this
+    thread's setting changes (torch.set_num_threads would also change MKL's process-wide count)."""
+    import ctypes
 
-    torch.set_num_threads(1)
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)  # the runtime torch and our kernels already loaded
+    except (OSError, AttributeError):  # another OpenMP runtime: leave the thread as it is
+        pass
     return fn(*args)
 
 
