@@ -60,7 +60,7 @@ def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
         figures = {"scale_up_s": first(2), "busy_requests": len(busy)}
         seen.clear()
         # light load (one user): the deployment shrinks to min_replicas while that user's requests keep completing
-        light = asyncio.run(load(30, 1))
+        light = asyncio.run(load(20, 1))  # it shrank within 7 s here
         assert seen[-1][1] == 1 and set(light) == {200}, (seen, light)
         figures.update(scale_down_s=first(1), light_requests=len(light), failed=0)
         ART.mkdir(parents=True, exist_ok=True)  # the README's autoscaling figures come from here
