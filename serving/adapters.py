@@ -1,12 +1,13 @@
 """Where served adapters come from: sources (local folders, MLflow URIs), allowed roots, the shared registry.
 
 Adapters named in the serve config are loaded at start-up. Adapters added through `POST /v1/adapters` are
-recorded in $LORAPLEX_HOME/adapters/registry.json (a restarted server finds them) and, inside a Ray cluster,
-in the cluster's key-value store (Ray's GCS), so a replica on any node, also one started later, finds them: a
+recorded in $LORAPLEX_HOME/adapters/registry.json (a restarted server finds them) and, inside a Ray cluster, in
+the cluster's key-value store (Ray's GCS), so a replica on any node, also one started later, finds them: a
 replica that meets an adapter it does not hold looks it up there and loads it. (The adapter's files must be
-readable there too: an MLflow registry on a tracking server, or a folder on storage every node mounts.) Local folders given through the API must lie inside the configured adapter roots
-(default: $LORAPLEX_HOME/adapters and the local MLflow artifact store), so a client cannot make the server
-read arbitrary paths; config-file adapters are the operator's choice and are not restricted.
+readable there too: an MLflow registry on a tracking server, or a folder on storage every node mounts.) Local
+folders given through the API must lie inside the configured adapter roots (default: $LORAPLEX_HOME/adapters and
+the local MLflow artifact store), so a client cannot make the server read arbitrary paths; config-file adapters
+are the operator's choice and are not restricted.
 """
 
 from __future__ import annotations

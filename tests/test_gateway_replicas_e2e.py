@@ -30,7 +30,8 @@ from tests.test_replicas_e2e import audit_entries, replica_pids, run_streams, wa
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PRICE_IN, PRICE_OUT = 100.0, 300.0  # USD per 1M tokens: every request's cost is visible
-CONFIG = small_config({"num_replicas": 2, "dtype": "float32", "price": {"input_per_1m": PRICE_IN, "output_per_1m": PRICE_OUT}},
+CONFIG = small_config({"num_replicas": 2, "dtype": "float32",
+                       "price": {"input_per_1m": PRICE_IN, "output_per_1m": PRICE_OUT}},
                       server={"num_replicas": 2}, governance={"enabled": True, "reservation_ttl_s": 8})
 TOPICS = ["rivers", "bread", "owls", "tides", "glass", "maps", "bees", "clocks", "salt", "kites", "moss", "bells",
           "ink", "wool", "ferns", "lamps", "caves", "rope", "figs", "snow", "tea", "coins", "wheels", "sails"]

@@ -1,11 +1,12 @@
 """One C call for every decoder layer of a small decode step on bfloat16 or int8 weights (lp_decode_layers).
 
-A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8 half);
-the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs the
-same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
-(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear or Int8Linear, the batch
-is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the C attention takes
-the caches; otherwise the per-op path runs. The layers' addresses are gathered once per KV cache allocation.
+A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8
+half); the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs
+the same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
+(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear or
+Int8Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the
+C attention takes the caches; otherwise the per-op path runs. The layers' addresses are gathered once per KV
+cache allocation.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class FusedDecode:
             for layer, (k, v) in zip(self.model.layers, kv_caches):
                 lins = _projections(layer)  # 16 addresses a layer: lp_decode_layers's LP_LAYER_PTRS
                 int8 = [isinstance(m, Int8Linear) for m in lins]
-                rows.append([ptr(m.qweight if q else m.weight) for m, q in zip(lins, int8)] + [ptr(m.bias) for m in lins]
+                rows.append([ptr(m.qweight if q else m.weight) for m, q in zip(lins, int8)]
+                            + [ptr(m.bias) for m in lins]
                             + [ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
                                ptr(k), ptr(v)] + [ptr(m.scales_f32) if q else 0 for m, q in zip(lins, int8)])
             self._table, self._table_key = torch.tensor(rows, dtype=torch.int64), key

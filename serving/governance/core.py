@@ -36,6 +36,7 @@ BUILTIN_ROUTE_ROLES = [
     ("*", "/v1/files*", "trainer"),
 ]
 _CONTENT_KEYS = ("content", "text", "prompt", "input")
+_LOOKUP = object()  # Governance.subjects: read the team's policy
 
 
 def _redact_obj(obj: Any, kinds, found: set[str]) -> Any:
@@ -111,20 +112,26 @@ class Ticket:
         limiter hold without charging it (as a refusal at admission)."""
         if self.settled is not None:
             return
-        gov = self.gov
-        gov.budgets.release(self.reservation)
-        if self.lease is not None:
-            gov.limiter.settle_tokens(self.lease, 0)
-            if self.owns_lease:
-                gov.limiter.release(self.lease)
-        gov.count_rejection(exc, self.ctx)
+        self.gov.budgets.release(self.reservation)
+        self._free_lease(0)
+        self.gov.count_rejection(exc, self.ctx)
         self.settled = {"model": self.model, "adapter": self.adapter, "prompt_tokens": 0, "completion_tokens": 0,
                         "cost_usd": 0.0, "reserved_usd": self.reserved_usd, "guardrails": self.guardrails}
         if self.ctx is None:
-            p = self.principal
-            gov.write_audit({"event": "request", "request_id": self.request_id, "key_id": p.key_id, "team": p.team,
-                             "role": p.role, "route": self.route, "status": exc.status, "error": exc.code,
-                             **self.settled})
+            self._audit(exc.status, error=exc.code)
+
+    def _free_lease(self, tokens: int) -> None:
+        """Count the tokens against the rate limits and give back the parallel slot this ticket holds."""
+        if self.lease is not None:
+            self.gov.limiter.settle_tokens(self.lease, tokens)
+            if self.owns_lease:
+                self.gov.limiter.release(self.lease)
+
+    def _audit(self, status: int, **extra) -> None:
+        """The request's audit entry, for a request no middleware wraps (it writes its own otherwise)."""
+        p = self.principal
+        self.gov.write_audit({"event": "request", "request_id": self.request_id, "key_id": p.key_id, "team": p.team,
+                              "role": p.role, "route": self.route, "status": status, **extra, **self.settled})
 
     # --- outputs -------------------------------------------------------------------------------------------
     def output_guard(self) -> StreamGuard:
@@ -180,10 +187,7 @@ class Ticket:
                                completion_tokens=completion_tokens, cost_usd=cost, status=status,
                                request_id=self.request_id)
         finally:
-            if self.lease is not None:
-                gov.limiter.settle_tokens(self.lease, prompt_tokens + completion_tokens)
-                if self.owns_lease:
-                    gov.limiter.release(self.lease)
+            self._free_lease(prompt_tokens + completion_tokens)
         latency = latency_s if latency_s is not None else time.perf_counter() - self._start
         self.settled = {"model": self.model, "adapter": self.adapter, "prompt_tokens": prompt_tokens,
                         "completion_tokens": completion_tokens, "cost_usd": cost, "reserved_usd": self.reserved_usd,
@@ -195,9 +199,7 @@ class Ticket:
         if content is not None and gov.config.audit.log_content:
             self.settled["content"] = content
         if self.ctx is None:  # no middleware around this request: write the audit entry here
-            gov.write_audit({"event": "request", "request_id": self.request_id, "key_id": p.key_id,
-                             "team": p.team, "role": p.role, "route": self.route, "status": status,
-                             "latency_ms": round(latency * 1000, 3), **self.settled})
+            self._audit(status, latency_ms=round(latency * 1000, 3))
         elif status != 200 and self.ctx.status is None:
             self.ctx.status = status
         return self.settled
@@ -338,9 +340,10 @@ class Governance:
                 raise PermissionDenied(f"key {principal.key_id} may not use {kind[:-1]} {value!r}",
                                        code=f"{kind[:-1]}_not_allowed", param=param)
 
-    def subjects(self, principal: Principal, team: TeamPolicy | None = None) -> list[tuple[str, Limits]]:
+    def subjects(self, principal: Principal, team: TeamPolicy | None | object = _LOOKUP) -> list[tuple[str, Limits]]:
+        """The rate-limit subjects of a request; `team`: the team's policy when the caller has read it already."""
         key_limits = principal.limits if principal.limits != Limits() else self.config.default_limits
-        team = team or self.teams.get(principal.team)
+        team = self.teams.get(principal.team) if team is _LOOKUP else team
         return [(f"key:{principal.key_id}", key_limits), (f"team:{principal.team}", team.limits if team else Limits())]
 
     # --- the request path ----------------------------------------------------------------------------------
@@ -405,7 +408,8 @@ class Governance:
             raise
         ticket = Ticket(self, principal, route=route, model=model, adapter=adapter, price=price,
                         prompt_tokens=prompt_tokens, max_tokens=max_tokens, reservation=reservation,
-                        reserved_usd=reserved, team_budget=team_budget, lease=lease, owns_lease=owns, ctx=ctx, prompt=prompt,
+                        reserved_usd=reserved, team_budget=team_budget, lease=lease, owns_lease=owns, ctx=ctx,
+                        prompt=prompt,
                         guardrails=guardrails, output_action=policy.output, output_kinds=policy.kinds,
                         request_id=ctx.request_id if ctx else "req-" + secrets.token_hex(8))
         if ctx is not None:

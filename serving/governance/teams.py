@@ -35,10 +35,9 @@ class TeamStore:
         return self.config.teams.get(name)
 
     def overrides(self) -> dict[str, dict]:
-        """name -> {policy, updated_at, updated_by} for the teams edited over the API."""
-        return {r["name"]: {"policy": TeamPolicy.model_validate_json(r["policy"]), "updated_at": r["updated_at"],
-                            "updated_by": r["updated_by"]}
-                for r in self.db.query("SELECT name, policy, updated_at, updated_by FROM teams")}
+        """name -> {updated_at, updated_by} for the teams edited over the API (their policies: `get`)."""
+        return {r["name"]: {"updated_at": r["updated_at"], "updated_by": r["updated_by"]}
+                for r in self.db.query("SELECT name, updated_at, updated_by FROM teams")}
 
     def put(self, name: str, policy: TeamPolicy, actor: str) -> None:
         check_team_name(name)
