@@ -45,10 +45,12 @@ def together(engine, ids, params):
 def test_64_concurrent_requests_equal_each_alone_tiny(tiny_model_factory, num_kv_blocks):
     path = tiny_model_factory("llama")
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    ref_engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=512, block_size=8))
+    # float32, the batch-invariant format: bf16 rows go through our C GEMM up to 64 rows and oneDNN past that,
+    # whose sums differ by an ulp, so a bf16 batch may flip a near-tie that a solo run does not
+    ref_engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=512, block_size=8, dtype="float32"))
     ids = prompts(ref_engine.tokenizer, 64)
     expected = alone(ref_engine, ids, params)
-    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=num_kv_blocks, block_size=8,
+    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=num_kv_blocks, block_size=8, dtype="float32",
                                     max_num_batched_tokens=96, max_num_seqs=64))
     assert_same_up_to_float_ties(ref_engine, ids, together(engine, ids, params), expected, params)
     stats = engine.stats()
@@ -161,5 +163,38 @@ def test_async_queue_limit_raises_overloaded(tiny_model_factory):
 
     try:
         asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_async_coalesced_deltas_carry_the_same_tokens_text_and_logprobs(tiny_model_factory):
+    """A consumer that reads one answer asks for deltas gathered over a while (the replica of a non-streaming
+    request): fewer items, and joined they equal the per-step stream and the synchronous engine exactly."""
+    engine = AsyncEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=256))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2, n=2, seed=3)
+
+    async def collect(coalesce_s):
+        items = [o async for o in engine.generate("Tell me a story", params, coalesce_s=coalesce_s)]
+        joined = {}
+        for o in items:
+            for c in o.outputs:
+                j = joined.setdefault(c.index, {"ids": [], "text": "", "lps": [], "finish": None})
+                j["ids"] += c.token_ids
+                j["text"] += c.text
+                j["lps"] += [(lp.token_id, round(lp.logprob, 5)) for lp in c.logprobs or []]
+                j["finish"] = c.finish_reason
+        return items, joined
+
+    async def main():
+        per_step = await collect(0.0)
+        gathered = await collect(10.0)  # longer than the request: the first delta, then one with the rest
+        return per_step, gathered
+
+    try:
+        (steps, a), (fewer, b) = asyncio.run(main())
+        assert a == b and len(a) == 2 and all(len(c["ids"]) == 40 and c["finish"] == "length" for c in a.values())
+        assert len(fewer) == 2 < len(steps) and fewer[-1].finished and not fewer[0].finished
+        sync = engine.run_in_engine(lambda e: e.generate(["Tell me a story"], params)).result(timeout=60)[0]
+        assert {c.index: c.token_ids for c in sync.outputs} == {i: c["ids"] for i, c in a.items()}
     finally:
         engine.shutdown()

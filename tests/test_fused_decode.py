@@ -32,14 +32,15 @@ def _logits_per_step(engine, prompts, fused, params, lora_names=None):
 @pytest.mark.parametrize("arch,quantization", [("llama", None), ("qwen2", None), ("llama", "int8")],
                          ids=["llama", "qwen2", "llama-int8"])  # qwen2: biased q/k/v projections
 def test_fused_step_equals_the_per_op_path_bitwise(arch, quantization, tiny_model_factory):
-    engine = LLMEngine(EngineConfig(model=tiny_model_factory(arch), dtype="bfloat16", num_kv_blocks=64,
+    engine = LLMEngine(EngineConfig(model=tiny_model_factory(arch), dtype="bfloat16", num_kv_blocks=256,
                                     block_size=8, enable_prefix_caching=False, quantization=quantization))
     fused = engine.model.fused
     assert isinstance(fused, FusedDecode)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     rows = [[5, 6, 7, 8, 9], list(range(20, 41)), [7, 7], [30, 31, 32], [9], [40] * 6, [41, 42], [50, 51, 52, 53]]
-    assert BF16Linear.GEMV_ROWS == len(rows)
-    for prompts in (rows[:1], rows[:2], rows[:5], rows):  # one to eight rows (four and more: threaded small ops)
+    rows += [[60 + i, 61 + i % 5] for i in range(BF16Linear.GEMV_ROWS - len(rows))]
+    # one row to GEMV_ROWS (four and more: threaded small ops; 4, 2 and 1-row tiles of the projections)
+    for prompts in (rows[:1], rows[:2], rows[:5], rows[:8], rows[:23], rows):
         on, calls, tokens_on = _logits_per_step(engine, prompts, fused, params)
         off, none, tokens_off = _logits_per_step(engine, prompts, None, params)
         assert none == [] and calls == [len(prompts)] * 11  # every decode step, never the prefill
@@ -72,7 +73,7 @@ def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_p
         assert LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=32, block_size=8,
                                       **kw)).model.fused is None
     path = tiny_model_factory("llama")
-    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=64, block_size=8))
+    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=256, block_size=8, max_num_seqs=128))
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     _, calls, _ = _logits_per_step(engine, [[5 + i, 6] for i in range(BF16Linear.GEMV_ROWS + 1)],
                                    engine.model.fused, params)

@@ -355,11 +355,29 @@ int lp_has_avx512bf16(void) { return LP_HAVE_BF16; }
  * (near the measured DRAM bandwidth). Prefetches never fault, so running past the weight's end is harmless. */
 #define GEMV_PREFETCH 4096 /* bfloat16 elements */
 #if LP_HAVE_BF16
+/* out[i] = the sum of v[i]'s 16 lanes, for i < n (n <= 16; the rest of v is ignored): a transposing tree, 45 vector
+ * ops for 16 sums where one _mm512_reduce_add_ps each takes ~9. Every tile reduces through it (fewer sums pad with
+ * zeros, which add exactly), so a row's result does not depend on the tile that computed it. */
+static inline void lp_hsum16(const __m512 *v, int n, float *out) {
+    __m512 a[16], b[8], c[4];
+    for (int i = 0; i < 16; i++) a[i] = i < n ? v[i] : _mm512_setzero_ps();
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of x = a[2i], y = a[2i+1] */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: the partial sums of 4 consecutive vectors */
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+    __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+    if (n == 16) _mm512_storeu_ps(out, r);
+    else _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1u), r);
+}
+
 #define GEMV_TILE(MB, NB)                                                                                         \
 static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const uint16_t *wr, float *out) {        \
-    __m512 acc[MB][NB];                                                                                           \
-    for (int m = 0; m < MB; m++)                                                                                  \
-        for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();                                             \
+    __m512 acc[MB * NB];                                                                                          \
+    for (int i = 0; i < MB * NB; i++) acc[i] = _mm512_setzero_ps();                                               \
     for (int64_t k = 0; k < K; k += 32) {                                                                         \
         __m512bh wv[NB];                                                                                          \
         for (int j = 0; j < NB; j++) {                                                                            \
@@ -368,11 +386,10 @@ static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const ui
         }                                                                                                         \
         for (int m = 0; m < MB; m++) {                                                                            \
             __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + k));                           \
-            for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);                      \
+            for (int j = 0; j < NB; j++) acc[m * NB + j] = _mm512_dpbf16_ps(acc[m * NB + j], xv, wv[j]);          \
         }                                                                                                         \
     }                                                                                                             \
-    for (int m = 0; m < MB; m++)                                                                                  \
-        for (int j = 0; j < NB; j++) out[m * NB + j] = _mm512_reduce_add_ps(acc[m][j]);                           \
+    lp_hsum16(acc, MB * NB, out);                                                                                 \
 }
 #else
 #define GEMV_TILE(MB, NB)                                                                                         \
@@ -388,6 +405,7 @@ static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const ui
 #endif
 GEMV_TILE(1, 4)
 GEMV_TILE(2, 4)
+GEMV_TILE(4, 4)
 GEMV_TILE(1, 1)
 
 /* y rows m.. m+MB-1, columns n0.. n0+NB-1 from a tile's out[i * NB + j], plus bias, rounded to bf16 values */
@@ -411,7 +429,7 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
 #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
     for (int64_t q = 0; q <= NQ; q++) {
         const int64_t n0 = q * 4;
-        float out[8];
+        float out[16];
         if (q == NQ) {  /* the last N % 4 rows, one at a time */
             for (int64_t n = n0; n < N; n++)
                 for (int m = 0; m < M; m++) {
@@ -422,6 +440,10 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
         }
         const uint16_t *wr = w + n0 * K;
         int m = 0;
+        for (; m + 4 <= M; m += 4) {  /* 16 accumulators: 8 loads per 16 dot products (2x4: 6 per 8) */
+            gemv_tile_4x4(xb + m * K, K, wr, out);
+            store_tile(y, N, m, 4, n0, 4, out, bias);
+        }
         for (; m + 2 <= M; m += 2) {
             gemv_tile_2x4(xb + m * K, K, wr, out);
             store_tile(y, N, m, 2, n0, 4, out, bias);
@@ -466,12 +488,13 @@ void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8
         for (int64_t q = 0; q < NQ; q++) {
             const int64_t n0 = q * 4;
             const int nb = N - n0 < 4 ? (int)(N - n0) : 4;
-            float out[8];
+            float out[16];
             if (!wb) continue;
             for (int j = 0; j < nb; j++) widen_i8(w + (n0 + j) * K, K, wb + j * K);
             for (int m = 0; m < M;) {
-                const int mb = (nb == 4 && m + 2 <= M) ? 2 : 1;
-                if (nb == 4 && mb == 2) gemv_tile_2x4(xb + m * K, K, wb, out);
+                const int mb = nb < 4 ? 1 : m + 4 <= M ? 4 : m + 2 <= M ? 2 : 1;
+                if (nb == 4 && mb == 4) gemv_tile_4x4(xb + m * K, K, wb, out);
+                else if (nb == 4 && mb == 2) gemv_tile_2x4(xb + m * K, K, wb, out);
                 else if (nb == 4) gemv_tile_1x4(xb + m * K, K, wb, out);
                 else
                     for (int j = 0; j < nb; j++) gemv_tile_1x1(xb + m * K, K, wb + j * K, out + j);
@@ -495,7 +518,7 @@ static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, int64_t 
         lp_linear_bf16(x, x_stride, M, K, (const uint16_t *)w, N, bias, y, nthreads);
 }
 
-/* Every decoder layer of a decode-only step of a few tokens (M <= BF16Linear.GEMV_ROWS) over bfloat16 or int8
+/* Every decoder layer of a decode-only step (M <= BF16Linear.GEMV_ROWS tokens) over bfloat16 or int8
  * weights, in one call: the same kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16 or
  * lp_linear_i8, lp_rope_f32, the
  * paged decode attention, lp_silu_mul_f32), in the same order, with the same thread counts, so the tokens are

@@ -192,7 +192,8 @@ class ModelBackend:
             token_bytes = await asyncio.to_thread(self.token_bytes.ready)
         resume = req.get("resume")  # choice index -> tokens another replica delivered (serving.api.failover)
         gen = self.engine.generate(prompt_ids, params, request_id=request_id, lora_name=req.get("adapter"),
-                                   resume={int(i): list(t) for i, t in resume.items()} if resume else None)
+                                   resume={int(i): list(t) for i, t in resume.items()} if resume else None,
+                                   coalesce_s=float(req.get("flush_s") or 0.0))
         finished = False
         try:
             try:

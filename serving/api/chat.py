@@ -11,8 +11,9 @@ from serving.api.streaming import SSE_DONE, sse
 from serving.api.wire import chat_logprobs, new_id
 
 
-def gen_request(body: ChatCompletionRequest, endpoint: str = "chat", route: str = "/v1/chat/completions"):
-    """A checked chat request as the pipeline's GenRequest."""
+def gen_request(body: ChatCompletionRequest, endpoint: str = "chat", route: str = "/v1/chat/completions",
+                stream: bool | None = None):
+    """A checked chat request as the pipeline's GenRequest (`stream`: the client's, when not the body's)."""
     from serving.api.pipeline import GenRequest
 
     body.check()
@@ -20,7 +21,8 @@ def gen_request(body: ChatCompletionRequest, endpoint: str = "chat", route: str 
                       prompts=[body.template_messages()], sampling=body.to_sampling(), n=body.n,
                       max_tokens=body.completion_limit(), logprobs=bool(body.logprobs), tools=body.tool_request,
                       structured=body.structured, json_output=body.json_output, retrieval=body.retrieval,
-                      user=body.user, id_prefix="chatcmpl", body=body)
+                      user=body.user, id_prefix="chatcmpl", body=body,
+                      stream=bool(body.stream) if stream is None else stream)
 
 
 async def handle(pipeline, body: ChatCompletionRequest, http=None):

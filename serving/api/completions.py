@@ -18,7 +18,7 @@ def gen_request(body: CompletionRequest):
     return GenRequest(endpoint="completions", route="/v1/completions", model=body.model, kind="completion",
                       prompts=body.prompts(), sampling=body.to_sampling(), n=body.n, max_tokens=body.max_tokens,
                       logprobs=body.logprobs is not None, structured=body.structured, json_output=body.json_output,
-                      echo=body.echo, user=body.user, id_prefix="cmpl", body=body)
+                      echo=body.echo, user=body.user, id_prefix="cmpl", stream=body.stream, body=body)
 
 
 async def handle(pipeline, body: CompletionRequest, http=None):

@@ -132,7 +132,7 @@ async def create(core, body: ResponsesRequest, http=None):
             user=body.user, retrieval=search)
         from serving.api.chat import gen_request
 
-        req = gen_request(chat_body, endpoint="responses", route="/v1/responses")
+        req = gen_request(chat_body, endpoint="responses", route="/v1/responses", stream=body.stream)
         g = await core.pipeline.start(req, http)
     except APIError as err:
         raise _renamed(items_mod.responses_error(err), positions) from None

@@ -160,27 +160,47 @@ class AsyncEngine:
 
     # ---- the async API --------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       lora_name: str | None = None, resume: dict[int, list[int]] | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       lora_name: str | None = None, resume: dict[int, list[int]] | None = None,
+                       coalesce_s: float = 0.0) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutput deltas. Leaving the loop early (break, cancel, disconnect) aborts the request.
-        `resume`: see LLMEngine.add_request."""
+        `resume`: see LLMEngine.add_request. Deltas already waiting are merged into one; with `coalesce_s`, each
+        delta after the first also gathers the next ones for that long (the first, and the last, go at once)."""
         request_id = request_id or uuid.uuid4().hex
         if self._stats["num_waiting"] + self._commands.qsize() >= self.config.max_waiting:
             raise EngineOverloadedError(f"model {self.name!r} has {self.config.max_waiting} requests waiting; "
                                         "retry later", retry_after=1.0)
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        loop = asyncio.get_running_loop()
+        self._streams[request_id] = (loop, q)
         self._commands.put(("add", request_id, prompt, params, lora_name, resume))
-        finished = False
+        finished, held, first = False, None, True
         try:
             while True:
-                item = await q.get()
+                item = held if held is not None else await q.get()
+                held = None
                 if item is _DONE:
                     finished = True
                     return
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                deadline = None if first else loop.time() + coalesce_s
+                while not item.finished:
+                    try:
+                        nxt = q.get_nowait()
+                    except asyncio.QueueEmpty:
+                        wait = deadline - loop.time() if deadline is not None else 0.0
+                        if wait <= 0:
+                            break
+                        try:
+                            nxt = await asyncio.wait_for(q.get(), wait)
+                        except asyncio.TimeoutError:
+                            break
+                    if nxt is _DONE or isinstance(nxt, BaseException):
+                        held = nxt  # after this delta
+                        break
+                    item = item.merged(nxt)
+                first = False
                 yield item
                 if item.finished:
                     finished = True

@@ -1,4 +1,4 @@
-"""One C call for every decoder layer of a small decode step on bfloat16 or int8 weights (lp_decode_layers).
+"""One C call for every decoder layer of a decode step on bfloat16 or int8 weights (lp_decode_layers).
 
 A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8
 half); the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs

@@ -32,3 +32,17 @@ class RequestOutput:
     finished: bool  # every choice finished
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)  # arrival, first_token, finished timestamps (time.monotonic)
+
+    def merged(self, newer: "RequestOutput") -> "RequestOutput":
+        """This delta followed by `newer` (the next one of the same request) as one delta."""
+        outs = {c.index: c for c in self.outputs}
+        for c in newer.outputs:
+            old = outs.get(c.index)
+            if old is None:
+                outs[c.index] = c
+                continue
+            lps = None if old.logprobs is None and c.logprobs is None else (old.logprobs or []) + (c.logprobs or [])
+            outs[c.index] = CompletionOutput(c.index, old.text + c.text, old.token_ids + c.token_ids, lps,
+                                             c.finish_reason, c.stop_reason, c.num_generated)
+        return RequestOutput(newer.request_id, newer.prompt_token_ids, [outs[i] for i in sorted(outs)],
+                             newer.finished, newer.num_cached_tokens, {**self.metrics, **newer.metrics})
