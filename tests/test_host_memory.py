@@ -37,3 +37,44 @@ def test_the_advice_is_accepted_where_the_kernel_offers_huge_pages():
     raw = torch.empty(2 * host_memory.HUGE_PAGE)
     start = (-raw.data_ptr() % host_memory.HUGE_PAGE) // 4
     assert host_memory._madvise_hugepage(raw[start:].data_ptr(), host_memory.HUGE_PAGE)
+
+
+_MALLINFO_PROBE = r"""
+import ctypes, sys
+import torch
+from serving.engine import host_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert host_memory.keep_freed_memory() and host_memory.keep_freed_memory()  # once, then a no-op
+before = libc.mallinfo2().hblkhd
+t = torch.empty(5 << 20)  # 20 MB, the process's first large block
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("mode", ["default", "keep"])
+def test_keep_freed_memory_serves_activation_sized_blocks_from_the_heap(mode):
+    """By default glibc maps a fresh 20 MB block for a tensor of that size (and unmaps it when freed, so the next
+    step faults its pages in again); after keep_freed_memory() it comes from the reusable heap."""
+    import ctypes
+    import subprocess
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("glibc older than 2.33 has no mallinfo2 to read the mapping from")
+    out = subprocess.run([sys.executable, "-c", _MALLINFO_PROBE, mode], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent, check=True).stdout
+    mapped = int(out.split()[-1])
+    assert (mapped >= 20 << 20) if mode == "default" else mapped == 0
+
+
+def test_the_cpu_engine_keeps_freed_memory(tiny_model_factory):
+    from serving.engine import EngineConfig
+    from serving.engine.llm_engine import LLMEngine
+
+    LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=16, block_size=8))
+    assert host_memory._kept == sys.platform.startswith("linux")

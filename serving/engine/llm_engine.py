@@ -80,6 +80,10 @@ class LLMEngine:
         kernels.set_backend(config.kernels)
         apply_num_threads(config)
         self.device = pick_device(config.device)
+        if self.device.type == "cpu":
+            from serving.engine.host_memory import keep_freed_memory
+
+            keep_freed_memory()
         dtype = DTYPES.get(config.dtype) or auto_dtype(self.device, config.quantization)
         self.dtype = dtype  # of the KV cache and adapter slots; CPU activations stay float32 (engine.linear)
         self.model, self.hf_config, self.model_path, ctx = build_model(
