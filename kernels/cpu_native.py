@@ -40,6 +40,7 @@ SIGNATURES = {
     "lp_limits": [_P, _P, _P, _P],
     "lp_linear_bf16": [_P, _I64, _I32, _I64, _P, _I64, _P, _P, _I32],
     "lp_linear_i8": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
+    "lp_linear_q4": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
     "lp_has_avx512bf16": [],
     "lp_decode_layers": [_P, _I32, _P, _P, _I32, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _I64, _P, _I32,
                               _I32, _F, _F, _I32],

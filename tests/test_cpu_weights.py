@@ -119,6 +119,14 @@ def test_int4_projection_is_q4_1_of_its_weight():
     deq = (torch.round((groups - lo) / scale) * scale + lo).reshape(96, 128)  # GGUF Q4_1's reconstruction
     ref = x.bfloat16().float() @ deq.t() + b
     torch.testing.assert_close(lin(x), ref, atol=5e-2, rtol=3e-2)
+    from kernels import cpu_native
+
+    if cpu_native.available():  # our C kernel: the group's weights widened to bf16, then float32 dot products
+        assert lin._lib is not None and lin.qweight.dtype == torch.uint8
+        for rows in (1, 2, 3, 5, 8, 33):
+            xr = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+            want = xr.bfloat16().float() @ deq.bfloat16().float().t() + b
+            torch.testing.assert_close(lin(xr), want, atol=1e-3, rtol=1e-3)  # an fma may round a weight 1 ulp off
     with pytest.raises(ModelLoadError, match="divisible by 32"):
         Int4Linear(torch.randn(8, 40), None)
 

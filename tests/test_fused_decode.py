@@ -29,8 +29,8 @@ def _logits_per_step(engine, prompts, fused, params, lora_names=None):
     return steps, calls, [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch,quantization", [("llama", None), ("qwen2", None), ("llama", "int8")],
-                         ids=["llama", "qwen2", "llama-int8"])  # qwen2: biased q/k/v projections
+@pytest.mark.parametrize("arch,quantization", [("llama", None), ("qwen2", None), ("llama", "int8"), ("llama", "int4")],
+                         ids=["llama", "qwen2", "llama-int8", "llama-int4"])  # qwen2: biased q/k/v projections
 def test_fused_step_equals_the_per_op_path_bitwise(arch, quantization, tiny_model_factory):
     engine = LLMEngine(EngineConfig(model=tiny_model_factory(arch), dtype="bfloat16", num_kv_blocks=256,
                                     block_size=8, enable_prefix_caching=False, quantization=quantization))
@@ -65,11 +65,11 @@ def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
 
 
 def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_path):
-    """Qwen3's q/k norms and float32 or int4 weights build no fused path; nine rows, a prefill and a
+    """Qwen3's q/k norms and float32 weights build no fused path; nine rows, a prefill and a
     LoRA batch run per op."""
     assert LLMEngine(EngineConfig(model=tiny_model_factory("qwen3"), dtype="bfloat16", num_kv_blocks=32,
                                   block_size=8)).model.fused is None
-    for kw in (dict(dtype="float32"), dict(quantization="int4")):
+    for kw in (dict(dtype="float32"),):
         assert LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=32, block_size=8,
                                       **kw)).model.fused is None
     path = tiny_model_factory("llama")

@@ -509,13 +509,76 @@ void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8
     free(xb);
 }
 
-/* A projection of the fused step: int8 weights with their float32 row scales (scale != 0), else bfloat16. */
-static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, int64_t w, int64_t scale, int64_t N,
+/* Weight-only 4-bit as GGUF's Q4_1: per group of 32 inputs, w = q * scale + min with q in [0, 15]; a group is 16
+ * bytes, byte i holding q[i] (low nibble) and q[i + 16] (high nibble), and sm holds (scale, min) per group as
+ * float32. Like lp_linear_i8, each group of 4 weight rows is widened once into a bfloat16 scratch (q * scale + min
+ * in float32, rounded to bf16) and meets every row of x there through the same tiles, so a step reads the 4-bit
+ * bytes (a quarter of bf16's) from memory once, whatever M is. K must be a multiple of 32. */
+static inline void widen_q4(const uint8_t *w, const float *sm, int64_t K, uint16_t *wb) {
+    for (int64_t g = 0; g < K / 32; g++) {
+        const float s = sm[2 * g], mn = sm[2 * g + 1];
+#if LP_HAVE_BF16
+        _mm_prefetch((const char *)(w + g * 16 + GEMV_PREFETCH), _MM_HINT_T0);
+        const __m128i b = _mm_loadu_si128((const __m128i *)(w + g * 16)), low = _mm_set1_epi8(0x0F);
+        const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(mn);
+        __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), vs, vm);
+        __m512 hi = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), vs, vm);
+        _mm512_storeu_si512((void *)(wb + g * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+#else
+        for (int i = 0; i < 16; i++) {
+            wb[g * 32 + i] = to_bf16((float)(w[g * 16 + i] & 15) * s + mn);
+            wb[g * 32 + 16 + i] = to_bf16((float)(w[g * 16 + i] >> 4) * s + mn);
+        }
+#endif
+    }
+}
+
+void lp_linear_q4(const float *x, int64_t x_stride, int M, int64_t K, const uint8_t *w, const float *sm,
+                  int64_t N, const float *bias, float *y, int nthreads) {
+    uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
+    if (!xb) return;
+    for (int m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_bf16(x[m * x_stride + k]);
+    const int64_t NQ = (N + 3) / 4;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t *wb = (uint16_t *)malloc((size_t)4 * (size_t)K * sizeof(uint16_t));
+#pragma omp for schedule(dynamic, 32)
+        for (int64_t q = 0; q < NQ; q++) {
+            const int64_t n0 = q * 4;
+            const int nb = N - n0 < 4 ? (int)(N - n0) : 4;
+            float out[16];
+            if (!wb) continue;
+            for (int j = 0; j < nb; j++) widen_q4(w + (n0 + j) * (K / 2), sm + (n0 + j) * (K / 16), K, wb + j * K);
+            for (int m = 0; m < M;) {
+                const int mb = nb < 4 ? 1 : m + 4 <= M ? 4 : m + 2 <= M ? 2 : 1;
+                if (nb == 4 && mb == 4) gemv_tile_4x4(xb + m * K, K, wb, out);
+                else if (nb == 4 && mb == 2) gemv_tile_2x4(xb + m * K, K, wb, out);
+                else if (nb == 4) gemv_tile_1x4(xb + m * K, K, wb, out);
+                else
+                    for (int j = 0; j < nb; j++) gemv_tile_1x1(xb + m * K, K, wb + j * K, out + j);
+                for (int i = 0; i < mb; i++)
+                    for (int j = 0; j < nb; j++)
+                        y[(int64_t)(m + i) * N + n0 + j] = out[i * nb + j] + (bias ? bias[n0 + j] : 0.f);
+                m += mb;
+            }
+        }
+        free(wb);
+    }
+    free(xb);
+}
+
+/* Projection j (qkv, o, gate_up, down) of a fused-step layer row p: its weight p[j], its float32 scales p[12 + j]
+ * (int8: per row; int4: (scale, min) per group) and its kind p[16 + j] (0 bf16, 1 int8, 2 int4). */
+static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, const int64_t *p, int j, int64_t N,
                     const float *bias, float *y, int nthreads) {
-    if (scale)
-        lp_linear_i8(x, x_stride, M, K, (const int8_t *)w, (const float *)scale, N, bias, y, nthreads);
+    if (p[16 + j] == 2)
+        lp_linear_q4(x, x_stride, M, K, (const uint8_t *)p[j], (const float *)p[12 + j], N, bias, y, nthreads);
+    else if (p[16 + j] == 1)
+        lp_linear_i8(x, x_stride, M, K, (const int8_t *)p[j], (const float *)p[12 + j], N, bias, y, nthreads);
     else
-        lp_linear_bf16(x, x_stride, M, K, (const uint16_t *)w, N, bias, y, nthreads);
+        lp_linear_bf16(x, x_stride, M, K, (const uint16_t *)p[j], N, bias, y, nthreads);
 }
 
 /* Every decoder layer of a decode-only step (M <= BF16Linear.GEMV_ROWS tokens) over bfloat16 or int8
@@ -527,12 +590,12 @@ static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, int64_t 
  *
  * layers: L rows of LP_LAYER_PTRS addresses (serving.engine.fused_decode builds them once): the qkv, o, gate_up
  * and down weights [N, K] (bf16, or int8), their float32 biases or 0, the two norms' weights, the layer's K and V
- * caches, then the four projections' float32 row scales (int8) or 0 (bf16).
+ * caches, then the four projections' float32 scales (int8, int4) or 0 (bf16), then their kinds (see lp_proj).
  * r [M, H]: the residual stream, the embeddings on entry, updated in place; d [M, H]: the last MLP output on
  * return (the caller's final norm adds it into r, as the per-op path does). cos/sin [M, D]: the tokens' rows;
  * slots [M]: where each token's K/V goes; block_tables [M, bt_stride], seq_lens [M]: attention's context.
  * The KV caches are bfloat16 (kv_bf16) or float32, [blocks, BS, Hkv, D]. Returns 0, or -1 if out of memory. */
-#define LP_LAYER_PTRS 16
+#define LP_LAYER_PTRS 20
 int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, int64_t H, int64_t I,
                      int Hq, int Hkv, int D, const float *cos_t, const float *sin_t, const int64_t *slots,
                      const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, int BS,
@@ -549,7 +612,7 @@ int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, in
         const float *ln1 = (const float *)p[8], *ln2 = (const float *)p[9];
         void *kc = (void *)p[10], *vc = (void *)p[11];
         lp_add_rms_norm_f32(r, H, l ? d : NULL, H, ln1, h, M, H, eps, small);
-        lp_proj(h, H, M, H, p[0], p[12], QKV, b_qkv, qkv, nthreads);
+        lp_proj(h, H, M, H, p, 0, QKV, b_qkv, qkv, nthreads);
         lp_rope_f32(qkv, QKV, cos_t, sin_t, M, Hq + Hkv, D, small);
         for (int m = 0; m < M; m++) {  /* this token's K and V into its cache slot */
             const float *k = qkv + m * QKV + QS, *v = k + KVS;
@@ -567,11 +630,11 @@ int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, in
         else
             lp_paged_decode_f32(qkv, QKV, (const float *)kc, (const float *)vc, block_tables, bt_stride, seq_lens,
                                 att, M, Hq, Hkv, D, BS, scale, small);
-        lp_proj(att, QS, M, QS, p[1], p[13], H, b_o, d, nthreads);
+        lp_proj(att, QS, M, QS, p, 1, H, b_o, d, nthreads);
         lp_add_rms_norm_f32(r, H, d, H, ln2, h, M, H, eps, small);
-        lp_proj(h, H, M, H, p[2], p[14], 2 * I, b_gu, gu, nthreads);
+        lp_proj(h, H, M, H, p, 2, 2 * I, b_gu, gu, nthreads);
         lp_silu_mul_f32(gu, act, M, I, small);
-        lp_proj(act, I, M, I, p[3], p[15], H, b_down, d, nthreads);
+        lp_proj(act, I, M, I, p, 3, H, b_down, d, nthreads);
     }
     free(buf);
     return 0;

@@ -1,10 +1,10 @@
-"""One C call for every decoder layer of a decode step on bfloat16 or int8 weights (lp_decode_layers).
+"""One C call for every decoder layer of a decode step on bfloat16, int8 or int4 weights (lp_decode_layers).
 
 A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8
 half); the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs
 the same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
-(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear or
-Int8Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the
+(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear,
+Int8Linear or Int4Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the
 C attention takes the caches; otherwise the per-op path runs. The layers' addresses are gathered once per KV
 cache allocation.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_attention, cpu_native
-from serving.engine.linear import BF16Linear, Int8Linear
+from serving.engine.linear import BF16Linear, Int4Linear, Int8Linear
 
 
 def _projections(layer) -> tuple:
@@ -37,13 +37,13 @@ class FusedDecode:
     @classmethod
     def build(cls, model) -> "FusedDecode | None":
         """The fused path for this model, or None where some layer cannot take it (Qwen3's q/k norms, a
-        projection that is not a C-backed BF16Linear or Int8Linear, norms with different eps)."""
+        projection that is not a C-backed BF16Linear, Int8Linear or Int4Linear, norms with different eps)."""
         if cpu_native.lib() is None:
             return None
         eps = model.layers[0].input_layernorm.eps
         for layer in model.layers:
             if layer.self_attn.q_norm is not None or not all(
-                    isinstance(m, (BF16Linear, Int8Linear)) and m._lib is not None for m in _projections(layer)):
+                    isinstance(m, (BF16Linear, Int8Linear, Int4Linear)) and m._lib is not None for m in _projections(layer)):
                 return None
             if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}:
                 return None
@@ -55,12 +55,13 @@ class FusedDecode:
             ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
             rows = []
             for layer, (k, v) in zip(self.model.layers, kv_caches):
-                lins = _projections(layer)  # 16 addresses a layer: lp_decode_layers's LP_LAYER_PTRS
-                int8 = [isinstance(m, Int8Linear) for m in lins]
-                rows.append([ptr(m.qweight if q else m.weight) for m, q in zip(lins, int8)]
+                lins = _projections(layer)  # 20 entries a layer: lp_decode_layers's LP_LAYER_PTRS
+                kinds = [2 if isinstance(m, Int4Linear) else 1 if isinstance(m, Int8Linear) else 0 for m in lins]
+                scales = {0: lambda m: 0, 1: lambda m: ptr(m.scales_f32), 2: lambda m: ptr(m.scales_mins)}
+                rows.append([ptr(m.qweight if q else m.weight) for m, q in zip(lins, kinds)]
                             + [ptr(m.bias) for m in lins]
                             + [ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
-                               ptr(k), ptr(v)] + [ptr(m.scales_f32) if q else 0 for m, q in zip(lins, int8)])
+                               ptr(k), ptr(v)] + [scales[q](m) for m, q in zip(lins, kinds)] + kinds)
             self._table, self._table_key = torch.tensor(rows, dtype=torch.int64), key
         return self._table
 

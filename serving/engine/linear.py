@@ -6,9 +6,9 @@
 - bfloat16: half the weight bytes per step; our C kernel up to 64 rows, oneDNN's AVX512-BF16 GEMM for more
   (its emulation, and the C kernel's widened loops, where the CPU lacks AVX512-BF16).
 - int8 (per output channel, symmetric) and int4 (groups of 32 along the input, asymmetric, as GGUF's Q4_1):
-  weight-only quantized at load. int8 runs our C kernel (each weight row widened to bf16 once per step, in
-  cache, then AVX512-BF16 dot products with every activation row); int4 runs torch's fused
-  dequantize-and-multiply CPU op (`_weight_int4pack_mm_for_cpu`, the one torchao uses); activations meet them in
+  weight-only quantized at load. Both run our C kernels (each weight row widened to bf16 once per step, in
+  cache, then AVX512-BF16 dot products with every activation row); where the C library cannot build, int8 and
+  int4 run torch's fused dequantize-and-multiply CPU ops (the ones torchao uses). Activations meet them in
   bfloat16. Quantizing at load keeps one loader for every checkpoint (safetensors or our converted GGUF).
 
 Why activations stay float32 around bf16/quantized weights: the residual stream, norms, RoPE, softmax and the
@@ -34,11 +34,17 @@ def bf16_native() -> bool:
         return False
 
 
+def cpu_native_available() -> bool:
+    from kernels import cpu_native
+
+    return cpu_native.available()
+
+
 def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     """One line for `loraplex prepare` and the log: which weight path runs on this CPU."""
     native = "AVX512-BF16" if bf16_native() else "bf16 emulated (this CPU lacks AVX512-BF16)"
-    if quantization == "int8":
-        return f"int8 weights (C kernel: rows widened to bf16 once per step, {native})"
+    if quantization in ("int8", "int4") and cpu_native_available():
+        return f"{quantization} weights (C kernel: rows widened to bf16 once per step, {native})"
     if quantization:
         return f"{quantization} weights (torch fused dequant-matmul, {native} activations)"
     if dtype == torch.bfloat16:
@@ -145,7 +151,10 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Weight-only 4-bit in groups of INT4_GROUP inputs: w ~ q * scale + min, q in [0, 15] (GGUF Q4_1's form).
-    torch's op takes (scale, zero) with w = (q - 8) * scale + zero, so zero = min + 8 * scale."""
+    Our C kernel (lp_linear_q4: a group's 16 bytes widened to bf16 once per step, in cache, then the bf16 tiles)
+    where it can run: torch's `_weight_int4pack_mm_for_cpu` ran one stream at 49-51 tok/s, a fifth of the 84 MB
+    step's bandwidth bound. Elsewhere torch's op, which takes (scale, zero) with w = (q - 8) * scale + zero, so
+    zero = min + 8 * scale."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -158,18 +167,37 @@ class Int4Linear(nn.Module):
         groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
         lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
-        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        zero = lo + 8 * scale
-        self.register_buffer("scales_zeros", torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1)
-                             .to(torch.bfloat16).contiguous())
+        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32)
+        from kernels import cpu_native
+
+        self._lib = cpu_native.lib() if cpu_native.usable() else None
+        if self._lib is not None:  # a group's byte i: q[i] | q[i + 16] << 4 (GGUF's nibble order)
+            half = INT4_GROUP // 2
+            self.register_buffer("qweight", (q[..., :half] | (q[..., half:] << 4)).to(torch.uint8).reshape(n, k // 2))
+            self.register_buffer("scales_mins", torch.cat([scale, lo], -1).contiguous())  # [n, groups, 2] float32
+        else:
+            self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1))
+            zero = lo + 8 * scale
+            self.register_buffer("scales_zeros", torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1)
+                                 .to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     @property
     def nbytes(self) -> int:
-        return self.qweight.numel() + self.scales_zeros.numel() * 2
+        extra = self.scales_mins.numel() * 4 if self._lib is not None else self.scales_zeros.numel() * 2
+        return self.qweight.numel() * self.qweight.element_size() + extra
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lib is not None:
+            from kernels import cpu_native
+
+            x = x.float().contiguous()
+            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+            self._lib.lp_linear_q4(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.qweight.data_ptr(),
+                                   self.scales_mins.data_ptr(), self.out_features,
+                                   None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                                   cpu_native.threads())
+            return y
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, INT4_GROUP,
                                               self.scales_zeros).float()
         return y if self.bias is None else y + self.bias
