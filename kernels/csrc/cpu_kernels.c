@@ -474,8 +474,19 @@ static inline void widen_i8(const int8_t *w, int64_t K, uint16_t *wb) {
 #endif
 }
 
-void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8_t *w, const float *scale,
-                  int64_t N, const float *bias, float *y, int nthreads) {
+/* Rows of a quantized weight widened to bf16 one at a time: row n of w (and of its scales s) into wb[K]. */
+typedef void (*lp_widen_fn)(const void *w, const float *s, int64_t n, int64_t K, uint16_t *wb);
+
+static void widen_i8_row(const void *w, const float *s, int64_t n, int64_t K, uint16_t *wb) {
+    (void)s;
+    widen_i8((const int8_t *)w + n * K, K, wb);
+}
+
+/* y = (bf16(x) . widen(w)[n]) * (out_scale ? out_scale[n] : 1) + bias[n], each group of 4 weight rows widened once
+ * into a per-thread scratch and met by every row of x there (see lp_linear_i8 and lp_linear_q4). */
+static void lp_linear_widened(const float *x, int64_t x_stride, int M, int64_t K, const void *w, const float *s,
+                              lp_widen_fn widen, const float *out_scale, int64_t N, const float *bias, float *y,
+                              int nthreads) {
     uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
     if (!xb) return;
     for (int m = 0; m < M; m++)
@@ -490,7 +501,7 @@ void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8
             const int nb = N - n0 < 4 ? (int)(N - n0) : 4;
             float out[16];
             if (!wb) continue;
-            for (int j = 0; j < nb; j++) widen_i8(w + (n0 + j) * K, K, wb + j * K);
+            for (int j = 0; j < nb; j++) widen(w, s, n0 + j, K, wb + j * K);
             for (int m = 0; m < M;) {
                 const int mb = nb < 4 ? 1 : m + 4 <= M ? 4 : m + 2 <= M ? 2 : 1;
                 if (nb == 4 && mb == 4) gemv_tile_4x4(xb + m * K, K, wb, out);
@@ -499,14 +510,22 @@ void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8
                 else
                     for (int j = 0; j < nb; j++) gemv_tile_1x1(xb + m * K, K, wb + j * K, out + j);
                 for (int i = 0; i < mb; i++)
-                    for (int j = 0; j < nb; j++)
-                        y[(int64_t)(m + i) * N + n0 + j] = out[i * nb + j] * scale[n0 + j] + (bias ? bias[n0 + j] : 0.f);
+                    for (int j = 0; j < nb; j++) {
+                        const float o = out[i * nb + j];
+                        y[(int64_t)(m + i) * N + n0 + j] = (out_scale ? o * out_scale[n0 + j] : o)
+                                                           + (bias ? bias[n0 + j] : 0.f);
+                    }
                 m += mb;
             }
         }
         free(wb);
     }
     free(xb);
+}
+
+void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8_t *w, const float *scale,
+                  int64_t N, const float *bias, float *y, int nthreads) {
+    lp_linear_widened(x, x_stride, M, K, w, NULL, widen_i8_row, scale, N, bias, y, nthreads);
 }
 
 /* Weight-only 4-bit as GGUF's Q4_1: per group of 32 inputs, w = q * scale + min with q in [0, 15]; a group is 16
@@ -534,39 +553,13 @@ static inline void widen_q4(const uint8_t *w, const float *sm, int64_t K, uint16
     }
 }
 
+static void widen_q4_row(const void *w, const float *s, int64_t n, int64_t K, uint16_t *wb) {
+    widen_q4((const uint8_t *)w + n * (K / 2), s + n * (K / 16), K, wb);
+}
+
 void lp_linear_q4(const float *x, int64_t x_stride, int M, int64_t K, const uint8_t *w, const float *sm,
                   int64_t N, const float *bias, float *y, int nthreads) {
-    uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
-    if (!xb) return;
-    for (int m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_bf16(x[m * x_stride + k]);
-    const int64_t NQ = (N + 3) / 4;
-#pragma omp parallel num_threads(nthreads)
-    {
-        uint16_t *wb = (uint16_t *)malloc((size_t)4 * (size_t)K * sizeof(uint16_t));
-#pragma omp for schedule(dynamic, 32)
-        for (int64_t q = 0; q < NQ; q++) {
-            const int64_t n0 = q * 4;
-            const int nb = N - n0 < 4 ? (int)(N - n0) : 4;
-            float out[16];
-            if (!wb) continue;
-            for (int j = 0; j < nb; j++) widen_q4(w + (n0 + j) * (K / 2), sm + (n0 + j) * (K / 16), K, wb + j * K);
-            for (int m = 0; m < M;) {
-                const int mb = nb < 4 ? 1 : m + 4 <= M ? 4 : m + 2 <= M ? 2 : 1;
-                if (nb == 4 && mb == 4) gemv_tile_4x4(xb + m * K, K, wb, out);
-                else if (nb == 4 && mb == 2) gemv_tile_2x4(xb + m * K, K, wb, out);
-                else if (nb == 4) gemv_tile_1x4(xb + m * K, K, wb, out);
-                else
-                    for (int j = 0; j < nb; j++) gemv_tile_1x1(xb + m * K, K, wb + j * K, out + j);
-                for (int i = 0; i < mb; i++)
-                    for (int j = 0; j < nb; j++)
-                        y[(int64_t)(m + i) * N + n0 + j] = out[i * nb + j] + (bias ? bias[n0 + j] : 0.f);
-                m += mb;
-            }
-        }
-        free(wb);
-    }
-    free(xb);
+    lp_linear_widened(x, x_stride, M, K, w, sm, widen_q4_row, NULL, N, bias, y, nthreads);
 }
 
 /* Projection j (qkv, o, gate_up, down) of a fused-step layer row p: its weight p[j], its float32 scales p[12 + j]

@@ -111,6 +111,16 @@ class BF16Linear(nn.Module):
         return self.weight.numel() * 2
 
 
+def _c_quantized(fn, x: torch.Tensor, lin: nn.Module, scales: torch.Tensor) -> torch.Tensor:
+    """y [rows, out] from one of our quantized C kernels (lp_linear_i8, lp_linear_q4), which share a signature."""
+    from kernels import cpu_native
+
+    y = torch.empty((x.shape[0], lin.out_features), dtype=torch.float32)
+    fn(x.data_ptr(), x.stride(0), x.shape[0], lin.in_features, lin.qweight.data_ptr(), scales.data_ptr(),
+       lin.out_features, None if lin.bias is None else lin.bias.data_ptr(), y.data_ptr(), cpu_native.threads())
+    return y
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8: w ~ q * scale[out], q in [-127, 127]. Our C kernel (lp_linear_i8: int8 rows widened to
     bf16 once per step, AVX512-BF16 dot products) for every row count; torch's fused op where it cannot run."""
@@ -137,14 +147,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lib is not None and x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32:
-            from kernels import cpu_native
-
-            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-            self._lib.lp_linear_i8(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.qweight.data_ptr(),
-                                   self.scales_f32.data_ptr(), self.out_features,
-                                   None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
-                                   cpu_native.threads())
-            return y
+            return _c_quantized(self._lib.lp_linear_i8, x, self, self.scales_f32)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).float()
         return y if self.bias is None else y + self.bias
 
@@ -189,15 +192,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lib is not None:
-            from kernels import cpu_native
-
-            x = x.float().contiguous()
-            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-            self._lib.lp_linear_q4(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.qweight.data_ptr(),
-                                   self.scales_mins.data_ptr(), self.out_features,
-                                   None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
-                                   cpu_native.threads())
-            return y
+            return _c_quantized(self._lib.lp_linear_q4, x.float().contiguous(), self, self.scales_mins)
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, INT4_GROUP,
                                               self.scales_zeros).float()
         return y if self.bias is None else y + self.bias
