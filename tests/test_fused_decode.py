@@ -29,7 +29,8 @@ def _logits_per_step(engine, prompts, fused, params, lora_names=None):
     return steps, calls, [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch,quantization", [("llama", None), ("qwen2", None), ("llama", "int8"), ("llama", "int4")],
+@pytest.mark.parametrize("arch,quantization",
+                         [("llama", None), ("qwen2", None), ("llama", "int8"), ("llama", "int4")],
                          ids=["llama", "qwen2", "llama-int8", "llama-int4"])  # qwen2: biased q/k/v projections
 def test_fused_step_equals_the_per_op_path_bitwise(arch, quantization, tiny_model_factory):
     engine = LLMEngine(EngineConfig(model=tiny_model_factory(arch), dtype="bfloat16", num_kv_blocks=256,

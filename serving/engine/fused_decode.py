@@ -4,9 +4,9 @@ A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms a
 half); the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs
 the same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
 (tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear,
-Int8Linear or Int4Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the batch, and the
-C attention takes the caches; otherwise the per-op path runs. The layers' addresses are gathered once per KV
-cache allocation.
+Int8Linear or Int4Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the
+batch, and the C attention takes the caches; otherwise the per-op path runs. The layers' addresses are gathered
+once per KV cache allocation.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class FusedDecode:
             return None
         eps = model.layers[0].input_layernorm.eps
         for layer in model.layers:
-            if layer.self_attn.q_norm is not None or not all(
-                    isinstance(m, (BF16Linear, Int8Linear, Int4Linear)) and m._lib is not None for m in _projections(layer)):
+            c_backed = (isinstance(m, (BF16Linear, Int8Linear, Int4Linear)) and m._lib is not None
+                        for m in _projections(layer))
+            if layer.self_attn.q_norm is not None or not all(c_backed):
                 return None
             if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {eps}:
                 return None
@@ -56,12 +57,9 @@ class FusedDecode:
             rows = []
             for layer, (k, v) in zip(self.model.layers, kv_caches):
                 lins = _projections(layer)  # 20 entries a layer: lp_decode_layers's LP_LAYER_PTRS
-                kinds = [2 if isinstance(m, Int4Linear) else 1 if isinstance(m, Int8Linear) else 0 for m in lins]
-                scales = {0: lambda m: 0, 1: lambda m: ptr(m.scales_f32), 2: lambda m: ptr(m.scales_mins)}
-                rows.append([ptr(m.qweight if q else m.weight) for m, q in zip(lins, kinds)]
-                            + [ptr(m.bias) for m in lins]
+                rows.append([ptr(m.c_weight) for m in lins] + [ptr(m.bias) for m in lins]
                             + [ptr(layer.input_layernorm.weight), ptr(layer.post_attention_layernorm.weight),
-                               ptr(k), ptr(v)] + [scales[q](m) for m, q in zip(lins, kinds)] + kinds)
+                               ptr(k), ptr(v)] + [ptr(m.c_scales) for m in lins] + [m.C_KIND for m in lins])
             self._table, self._table_key = torch.tensor(rows, dtype=torch.int64), key
         return self._table
 

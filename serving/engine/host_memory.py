@@ -23,10 +23,10 @@ _kept = False
 def keep_freed_memory() -> bool:
     """Have glibc reuse the memory a step frees instead of returning it to the OS: blocks up to 32 MB come from the
     heap (not a fresh mmap each), the heap's free top is never trimmed, and every thread allocates from that one
-    heap (a thread's own arena gives freed pages back to the OS as it shrinks; the engine steps on its own thread). A step allocates and frees the same
-    activation tensors every time (a 1024-token prefill's gate_up output is 12 MB); by default each came back
-    as new pages, and first-touch page faults are dear in a VM: converting that bf16 output to float32 took 3-24 ms
-    instead of 0.2-0.6, which was a third of a prefill step's time. The cost is that RSS stays at its peak.
+    heap (a thread's own arena gives freed pages back to the OS as it shrinks; the engine steps on its own
+    thread). A step allocates and frees the same activation tensors every time (a 1024-token prefill's gate_up
+    output is 12 MB); by default each came back as new pages, and first-touch page faults are dear in a VM:
+    converting that bf16 output to float32 took 3-24 ms instead of 0.2-0.6, a third of a prefill step's time. The cost is that RSS stays at its peak.
     Once per process; False where the C library is not glibc."""
     global _kept
     if _kept or not sys.platform.startswith("linux"):

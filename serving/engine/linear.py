@@ -34,16 +34,12 @@ def bf16_native() -> bool:
         return False
 
 
-def cpu_native_available() -> bool:
-    from kernels import cpu_native
-
-    return cpu_native.available()
-
-
 def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     """One line for `loraplex prepare` and the log: which weight path runs on this CPU."""
+    from kernels import cpu_native
+
     native = "AVX512-BF16" if bf16_native() else "bf16 emulated (this CPU lacks AVX512-BF16)"
-    if quantization in ("int8", "int4") and cpu_native_available():
+    if quantization in ("int8", "int4") and cpu_native.usable():  # what Int8Linear and Int4Linear check
         return f"{quantization} weights (C kernel: rows widened to bf16 once per step, {native})"
     if quantization:
         return f"{quantization} weights (torch fused dequant-matmul, {native} activations)"
@@ -83,6 +79,8 @@ class BF16Linear(nn.Module):
     21.8 vs 34, 64 rows 41.5 vs 51, 96 rows 49.7 vs 46.6: the crossover is past 64."""
 
     GEMV_ROWS = 64
+    C_KIND = 0  # lp_proj's kind in the fused step's layer table (serving.engine.fused_decode)
+    c_scales = None  # the C kernel's scales operand (none for bf16)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -110,20 +108,34 @@ class BF16Linear(nn.Module):
     def nbytes(self) -> int:
         return self.weight.numel() * 2
 
-
-def _c_quantized(fn, x: torch.Tensor, lin: nn.Module, scales: torch.Tensor) -> torch.Tensor:
-    """y [rows, out] from one of our quantized C kernels (lp_linear_i8, lp_linear_q4), which share a signature."""
-    from kernels import cpu_native
-
-    y = torch.empty((x.shape[0], lin.out_features), dtype=torch.float32)
-    fn(x.data_ptr(), x.stride(0), x.shape[0], lin.in_features, lin.qweight.data_ptr(), scales.data_ptr(),
-       lin.out_features, None if lin.bias is None else lin.bias.data_ptr(), y.data_ptr(), cpu_native.threads())
-    return y
+    @property
+    def c_weight(self) -> torch.Tensor:
+        return self.weight
 
 
-class Int8Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: the packed `qweight` is their C kernels' weight operand (each format
+    names its `c_scales`), and those kernels (lp_linear_i8, lp_linear_q4) share a signature."""
+
+    @property
+    def c_weight(self) -> torch.Tensor:
+        return self.qweight
+
+    def _c_forward(self, fn, x: torch.Tensor) -> torch.Tensor:
+        from kernels import cpu_native
+
+        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        fn(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.c_weight.data_ptr(),
+           self.c_scales.data_ptr(), self.out_features, None if self.bias is None else self.bias.data_ptr(),
+           y.data_ptr(), cpu_native.threads())
+        return y
+
+
+class Int8Linear(_QuantizedLinear):
     """Weight-only int8: w ~ q * scale[out], q in [-127, 127]. Our C kernel (lp_linear_i8: int8 rows widened to
     bf16 once per step, AVX512-BF16 dot products) for every row count; torch's fused op where it cannot run."""
+
+    C_KIND = 1
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -142,22 +154,28 @@ class Int8Linear(nn.Module):
     def nbytes(self) -> int:
         return self.qweight.numel() + self.scales.numel() * 2
 
+    @property
+    def c_scales(self) -> torch.Tensor:
+        return self.scales_f32
+
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lib is not None and x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32:
-            return _c_quantized(self._lib.lp_linear_i8, x, self, self.scales_f32)
+            return self._c_forward(self._lib.lp_linear_i8, x)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).float()
         return y if self.bias is None else y + self.bias
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """Weight-only 4-bit in groups of INT4_GROUP inputs: w ~ q * scale + min, q in [0, 15] (GGUF Q4_1's form).
     Our C kernel (lp_linear_q4: a group's 16 bytes widened to bf16 once per step, in cache, then the bf16 tiles)
     where it can run: torch's `_weight_int4pack_mm_for_cpu` ran one stream at 49-51 tok/s, a fifth of the 84 MB
     step's bandwidth bound. Elsewhere torch's op, which takes (scale, zero) with w = (q - 8) * scale + zero, so
     zero = min + 8 * scale."""
+
+    C_KIND = 2
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -190,9 +208,13 @@ class Int4Linear(nn.Module):
         extra = self.scales_mins.numel() * 4 if self._lib is not None else self.scales_zeros.numel() * 2
         return self.qweight.numel() * self.qweight.element_size() + extra
 
+    @property
+    def c_scales(self) -> torch.Tensor:
+        return self.scales_mins
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lib is not None:
-            return _c_quantized(self._lib.lp_linear_q4, x.float().contiguous(), self, self.scales_mins)
+            return self._c_forward(self._lib.lp_linear_q4, x.float().contiguous())
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.qweight, INT4_GROUP,
                                               self.scales_zeros).float()
         return y if self.bias is None else y + self.bias
