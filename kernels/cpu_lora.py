@@ -100,12 +100,34 @@ class Group:
         self.byte_offsets = [4 * c.start for c in general.columns]  # each module's columns in a float32 row
         self.width = max(c.stop for c in general.columns)
         self._tl = self._slots = self._fn = None
+        self._columns = (ctypes.c_int64 * weights.modules)(*(c.start for c in general.columns))
+        self._c_groups: dict[int, ctypes.Array] = {}
+
+    def _step(self, token_lora) -> None:
+        if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
+            self._tl, self._slots = token_lora, token_lora.to(torch.int32).contiguous()
+            ok = token_lora.dim() == 1 and requested_backend() == "auto"
+            self._fn = self.w.kernel(token_lora) if ok else None
+
+    def c_group(self, token_lora) -> int:
+        """The address of this group's row for the fused decode step (lp_lora_group in cpu_kernels.c: the kernel
+        __call__ would run for these slots, then its arguments), or 0 where __call__ would not take the C path.
+        The fused step's tensors always fit the kernel (float32 rows of the projections' widths)."""
+        self._step(token_lora)
+        if self._fn is None:
+            return 0
+        fn = ctypes.cast(self._fn, ctypes.c_void_p).value
+        row = self._c_groups.get(fn)
+        if row is None:
+            w = self.w
+            row = (ctypes.c_int64 * 12)(fn, w.modules, w.in_features, w.rank,
+                                        *(ctypes.addressof(a) for a in w.args), ctypes.addressof(self._columns))
+            self._c_groups[fn] = row
+        return ctypes.addressof(row)
 
     def __call__(self, x, token_lora, y):
         w = self.w
-        if token_lora is not self._tl:  # a new step (the engine builds a fresh slot vector each step)
-            self._tl, self._slots = token_lora, token_lora.to(torch.int32).contiguous()
-            self._fn = w.kernel(token_lora) if token_lora.dim() == 1 and requested_backend() == "auto" else None
+        self._step(token_lora)
         if not (self._fn is not None and x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu
                 and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[1] == w.in_features
                 and x.shape[0] == y.shape[0] == token_lora.shape[0] and y.shape[1] >= self.width):

@@ -43,7 +43,7 @@ SIGNATURES = {
     "lp_linear_q4": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
     "lp_has_avx512bf16": [],
     "lp_decode_layers": [_P, _I32, _P, _P, _I32, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _I64, _P, _I32,
-                              _I32, _F, _F, _I32],
+                              _I32, _F, _F, _P, _P, _I32],
 }
 RETURNS = {"lp_has_avx512bf16": ctypes.c_int, "lp_decode_layers": ctypes.c_int}
 _lib: ctypes.CDLL | None = None

@@ -1,5 +1,6 @@
 """The fused decode step (serving.engine.fused_decode): bitwise the per-op path's logits, taken exactly when it
-applies (decode-only, up to GEMV_ROWS rows, no LoRA, bf16 or int8 projections), and never where it cannot run."""
+applies (decode-only, up to GEMV_ROWS rows, bf16, int8 or int4 projections, LoRA groups the C kernels take), and
+never where it cannot run."""
 
 import pytest
 import torch
@@ -52,6 +53,31 @@ def test_fused_step_equals_the_per_op_path_bitwise(arch, quantization, tiny_mode
     assert engine.allocator.all_free()
 
 
+@pytest.mark.parametrize("lora_dtype", ["bfloat16", "float32"])
+def test_fused_step_with_lora_equals_the_per_op_path_bitwise(lora_dtype, tiny_model_factory, tmp_path):
+    """Adapters of two ranks and target sets, base rows among them; rows on distinct slots (the per-token
+    kernel) and one adapter for the whole batch (the runs kernel): the LoRA runs inside the fused call."""
+    path = tiny_model_factory("qwen2")
+    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=256, block_size=8,
+                                    enable_prefix_caching=False, max_loras=4, lora_dtype=lora_dtype))
+    engine.add_lora("a", make_lora_adapter(path, tmp_path / "a", rank=4, seed=1))
+    engine.add_lora("b", make_lora_adapter(path, tmp_path / "b", rank=8, seed=2,
+                                           targets=["q_proj", "v_proj", "down_proj"]))
+    engine.add_lora("c", make_lora_adapter(path, tmp_path / "c", rank=8, seed=3))
+    fused = engine.model.fused
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(20, 33)), [7, 7], [30, 31, 32], [9], [40] * 6, [41, 42]]
+    for names in (["a", "b", None, "c", "a", "b", "c"], ["b"] * 7):
+        on, calls, tokens_on = _logits_per_step(engine, prompts, fused, params, names)
+        off, _, tokens_off = _logits_per_step(engine, prompts, None, params, names)
+        base, _, tokens_base = _logits_per_step(engine, prompts, fused, params)
+        assert calls == [len(prompts)] * 7 and tokens_on == tokens_off
+        assert all(torch.equal(a, b) for a, b in zip(on, off))
+        assert not torch.equal(on[-1], base[-1])  # the adapters change the logits
+    engine.model.fused = fused
+    assert engine.allocator.all_free()
+
+
 def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
     """30 real layers, a bf16 KV cache: the same logits, bit for bit, as the per-op path."""
     engine = LLMEngine(EngineConfig(model=default_model_path, dtype="bfloat16", kv_cache_memory="64MiB",
@@ -66,15 +92,16 @@ def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
 
 
 def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_path):
-    """Qwen3's q/k norms and float32 weights build no fused path; nine rows, a prefill and a
-    LoRA batch run per op."""
+    """Qwen3's q/k norms and float32 weights build no fused path; more than GEMV_ROWS rows, a prefill and a
+    LoRA batch the C kernels do not take (float16 adapter slots) run per op."""
     assert LLMEngine(EngineConfig(model=tiny_model_factory("qwen3"), dtype="bfloat16", num_kv_blocks=32,
                                   block_size=8)).model.fused is None
     for kw in (dict(dtype="float32"),):
         assert LLMEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=32, block_size=8,
                                       **kw)).model.fused is None
     path = tiny_model_factory("llama")
-    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=256, block_size=8, max_num_seqs=128))
+    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_kv_blocks=256, block_size=8, max_num_seqs=128,
+                                    lora_dtype="float16"))
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     _, calls, _ = _logits_per_step(engine, [[5 + i, 6] for i in range(BF16Linear.GEMV_ROWS + 1)],
                                    engine.model.fused, params)

@@ -574,6 +574,29 @@ static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, const in
         lp_linear_bf16(x, x_stride, M, K, (const uint16_t *)p[j], N, bias, y, nthreads);
 }
 
+/* One LoRA group of a fused-step layer (serving.engine.fused_decode): the address of the LoRA kernel the per-op
+ * path would call this step (any of lp_lora_apply_* / lp_lora_runs_*, one signature), then M, in, r and the
+ * addresses of that kernel's per-module arrays (a_ptrs, a_ss, b_ptrs, b_ss, b_os, b_ks, outs), then each
+ * module's first column in y (kernels.cpu_lora.Group builds it). */
+typedef void (*lp_lora_fn)(const float *, int64_t, int64_t, int64_t, const int32_t *, int, const int64_t *,
+                           const int64_t *, const int64_t *, const int64_t *, const int64_t *, const int64_t *,
+                           const int64_t *, const int64_t *, const int64_t *, int, int);
+#define LP_MAX_LORA_MODULES 3
+
+static void lp_lora_group(const int64_t *g, const float *x, int64_t x_stride, int M, const int32_t *token_slot,
+                          float *y, int64_t y_stride, int nthreads) {
+    const int mods = (int)g[1];
+    const int64_t *cols = (const int64_t *)g[11];
+    int64_t y_ptrs[LP_MAX_LORA_MODULES], y_strides[LP_MAX_LORA_MODULES];
+    for (int m = 0; m < mods; m++) {
+        y_ptrs[m] = (int64_t)(y + cols[m]);
+        y_strides[m] = y_stride;
+    }
+    ((lp_lora_fn)g[0])(x, x_stride, M, g[2], token_slot, mods, (const int64_t *)g[4], (const int64_t *)g[5],
+                       (const int64_t *)g[6], (const int64_t *)g[7], (const int64_t *)g[8], (const int64_t *)g[9],
+                       (const int64_t *)g[10], y_ptrs, y_strides, (int)g[3], nthreads);
+}
+
 /* Every decoder layer of a decode-only step (M <= BF16Linear.GEMV_ROWS tokens) over bfloat16, int8 or int4
  * weights, in one call: the same kernels the per-op path calls (lp_add_rms_norm_f32, lp_linear_bf16,
  * lp_linear_i8 or lp_linear_q4, lp_rope_f32, the
@@ -587,17 +610,23 @@ static void lp_proj(const float *x, int64_t x_stride, int M, int64_t K, const in
  * r [M, H]: the residual stream, the embeddings on entry, updated in place; d [M, H]: the last MLP output on
  * return (the caller's final norm adds it into r, as the per-op path does). cos/sin [M, D]: the tokens' rows;
  * slots [M]: where each token's K/V goes; block_tables [M, bt_stride], seq_lens [M]: attention's context.
- * The KV caches are bfloat16 (kv_bf16) or float32, [blocks, BS, Hkv, D]. Returns 0, or -1 if out of memory. */
+ * The KV caches are bfloat16 (kv_bf16) or float32, [blocks, BS, Hkv, D]. lora: NULL, or L rows of 4 addresses
+ * (0: none), each projection's LoRA group (lp_lora_group), added after the projection as the per-op path adds
+ * it; token_slot [M]: each token's adapter slot. Returns 0, or -1 if out of memory. */
 #define LP_LAYER_PTRS 20
 int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, int64_t H, int64_t I,
                      int Hq, int Hkv, int D, const float *cos_t, const float *sin_t, const int64_t *slots,
                      const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, int BS,
-                     int kv_bf16, float eps, float scale, int nthreads) {
+                     int kv_bf16, float eps, float scale, const int64_t *lora, const int32_t *token_slot,
+                     int nthreads) {
     const int64_t QS = (int64_t)Hq * D, KVS = (int64_t)Hkv * D, QKV = QS + 2 * KVS;
     float *buf = (float *)malloc(sizeof(float) * (size_t)M * (size_t)(H + QKV + QS + 2 * I + I));
     if (!buf) return -1;
     float *h = buf, *qkv = h + M * H, *att = qkv + M * QKV, *gu = att + M * QS, *act = gu + M * 2 * I;
     const int small = M < 4 ? 1 : nthreads; /* kernels.cpu_native.threads(rows): a team costs more than 1-3 rows */
+#define LP_LORA(J, X, XS, Y, YS)                                                                                  \
+    if (lora && lora[4 * l + J])                                                                                  \
+    lp_lora_group((const int64_t *)lora[4 * l + J], X, XS, M, token_slot, Y, YS, nthreads)
     for (int l = 0; l < L; l++) {
         const int64_t *p = layers + (int64_t)l * LP_LAYER_PTRS;
         const float *b_qkv = (const float *)p[4], *b_o = (const float *)p[5];
@@ -606,6 +635,7 @@ int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, in
         void *kc = (void *)p[10], *vc = (void *)p[11];
         lp_add_rms_norm_f32(r, H, l ? d : NULL, H, ln1, h, M, H, eps, small);
         lp_proj(h, H, M, H, p, 0, QKV, b_qkv, qkv, nthreads);
+        LP_LORA(0, h, H, qkv, QKV);
         lp_rope_f32(qkv, QKV, cos_t, sin_t, M, Hq + Hkv, D, small);
         for (int m = 0; m < M; m++) {  /* this token's K and V into its cache slot */
             const float *k = qkv + m * QKV + QS, *v = k + KVS;
@@ -624,11 +654,15 @@ int lp_decode_layers(const int64_t *layers, int L, float *r, float *d, int M, in
             lp_paged_decode_f32(qkv, QKV, (const float *)kc, (const float *)vc, block_tables, bt_stride, seq_lens,
                                 att, M, Hq, Hkv, D, BS, scale, small);
         lp_proj(att, QS, M, QS, p, 1, H, b_o, d, nthreads);
+        LP_LORA(1, att, QS, d, H);
         lp_add_rms_norm_f32(r, H, d, H, ln2, h, M, H, eps, small);
         lp_proj(h, H, M, H, p, 2, 2 * I, b_gu, gu, nthreads);
+        LP_LORA(2, h, H, gu, 2 * I);
         lp_silu_mul_f32(gu, act, M, I, small);
         lp_proj(act, I, M, I, p, 3, H, b_down, d, nthreads);
+        LP_LORA(3, act, I, d, H);
     }
+#undef LP_LORA
     free(buf);
     return 0;
 }

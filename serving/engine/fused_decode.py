@@ -4,8 +4,10 @@ A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms a
 half); the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs
 the same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
 (tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear,
-Int8Linear or Int4Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, no LoRA is in the
-batch, and the C attention takes the caches; otherwise the per-op path runs. The layers' addresses are gathered
+Int8Linear or Int4Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, its LoRA groups
+(if any) run in C, and the C attention takes the caches; otherwise the per-op path runs. LoRA runs inside the
+call, after each projection, with the kernels the per-op path would call (a 32-adapter step's Python went
+with it). The layers' addresses are gathered
 once per KV cache allocation.
 """
 
@@ -65,14 +67,17 @@ class FusedDecode:
 
     def usable(self, batch, kv_caches, lora_apply) -> bool:
         t = batch.input_ids.shape[0]
-        if batch.num_prefill_tokens or lora_apply is not None or not 0 < t <= BF16Linear.GEMV_ROWS:
+        if batch.num_prefill_tokens or not 0 < t <= BF16Linear.GEMV_ROWS:
+            return False
+        if lora_apply is not None and getattr(lora_apply, "c_table", lambda: None)() is None:
             return False
         k, v = kv_caches[0]
         return cpu_attention.caches_supported(self.hq, self.head_dim, k, v, batch.decode_block_tables,
                                               batch.decode_seq_lens)
 
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, kv_caches):
-        """(last MLP output, residual stream) after every layer, as the per-op loop returns them."""
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch, kv_caches, lora_apply=None):
+        """(last MLP output, residual stream) after every layer, as the per-op loop returns them. lora_apply: the
+        step's serving.engine.lora.LoRAStep, whose groups run inside the call (usable() checked they can)."""
         t = x.shape[0]
         residual = x.contiguous()  # the embeddings (a fresh tensor): the residual stream, updated in place
         out = torch.empty_like(residual)
@@ -81,11 +86,15 @@ class FusedDecode:
         tables, lens = cpu_attention.c_tables(batch.decode_block_tables, batch.decode_seq_lens)
         k = kv_caches[0][0]
         layers = self._layers(kv_caches)
+        lora = lora_slots = None
+        if lora_apply is not None:
+            lora, lora_slots = lora_apply.c_table(), lora_apply.slots
         rc = cpu_native.lib().lp_decode_layers(
             layers.data_ptr(), len(self.model.layers), residual.data_ptr(), out.data_ptr(), t, self.hidden,
             self.intermediate, self.hq, self.hkv, self.head_dim, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             tables.data_ptr(), tables.stride(0), lens.data_ptr(), k.shape[1], int(k.dtype == torch.bfloat16),
-            self.eps, self.scale, cpu_native.threads())
+            self.eps, self.scale, None if lora is None else lora.data_ptr(),
+            None if lora_slots is None else lora_slots.data_ptr(), cpu_native.threads())
         if rc != 0:
             raise MemoryError("the fused decode step could not allocate its scratch buffers")
         return out, residual

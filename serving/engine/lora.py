@@ -153,6 +153,39 @@ def load_peft_adapter(name: str, folder: str | Path, model, max_rank: int, ident
                        {m: a[m] for m in seen}, {m: b[m] for m in seen}, warnings, force and not verdict.ok)
 
 
+class LoRAStep:
+    """One step's LoRA: called by the model after each projection (layer, kind, input, output), and read by the
+    fused decode step (c_table) where every group of the step runs in C."""
+
+    def __init__(self, groups: list[dict], token_lora: torch.Tensor):
+        self.groups, self.token_lora = groups, token_lora
+        self._table: torch.Tensor | None | bool = False
+
+    def __call__(self, layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        group = self.groups[layer].get(kind)
+        if group is not None:
+            group(x, self.token_lora, y)
+
+    def c_table(self) -> torch.Tensor | None:
+        """[layers, 4] int64: each layer's qkv, o, gate_up and down group rows for lp_decode_layers (0: none), or
+        None where some group would not run in C this step (the per-op path runs then)."""
+        if self._table is False:
+            rows = [[self._c_row(layer.get(kind)) for kind in KIND_MODULES] for layer in self.groups]
+            self._table = None if None in sum(rows, []) else torch.tensor(rows, dtype=torch.int64)
+        return self._table
+
+    def _c_row(self, group) -> int | None:
+        if group is None:
+            return 0
+        row = group.c_group(self.token_lora) if hasattr(group, "c_group") else 0
+        return row or None
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """The step's per-token slots as int32, as the C kernels read them."""
+        return self.token_lora.to(torch.int32).contiguous()
+
+
 class LoRAManager:
     def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int, identity,
                  dtype: torch.dtype | None = None):
@@ -317,13 +350,7 @@ class LoRAManager:
         present = {kind: tuple(m for m in names if m in modules) for kind, names in KIND_MODULES.items()}
         groups = [{kind: self._group(layer, names, n, r) for kind, names in present.items() if names}
                   for layer in range(self.layers)]
-
-        def apply(layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
-            group = groups[layer].get(kind)
-            if group is not None:
-                group(x, token_lora, y)
-
-        return apply
+        return LoRAStep(groups, token_lora)
 
     def _b_ranks(self, b: torch.Tensor, r: int) -> torch.Tensor:
         """The first r ranks of (part of) a B buffer as [..., out, r], whichever layout it is stored in."""

@@ -202,7 +202,7 @@ class CausalLM(nn.Module):
         cos = self.rope_cos[batch.positions].to(x.dtype)
         sin = self.rope_sin[batch.positions].to(x.dtype)
         if self.fused is not None and self.fused.usable(batch, kv_caches, lora_apply):
-            x, residual = self.fused.run(x, cos, sin, batch, kv_caches)
+            x, residual = self.fused.run(x, cos, sin, batch, kv_caches, lora_apply)
         else:
             residual = None
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
