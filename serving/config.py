@@ -90,6 +90,10 @@ class ModelSpec(_Strict):
     lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="adapter weights' dtype in the slots: auto = the model's; bfloat16 halves the bytes "
                             "every decode step reads for adapters (CPU; on CUDA it must equal dtype)")
+    decode_buckets: bool = Field(False, description="pad decode steps to batch-size buckets with persistent "
+                                                    "inputs (what CUDA graphs need; on the CPU padding costs)")
+    cuda_graphs: bool = Field(False, description="capture decode steps as CUDA graphs per bucket (CUDA only; "
+                                                 "not yet run on a GPU)")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="the tool-call format: auto reads the chat template (hermes where it takes no tools)")
     max_grammar_bytes: int = Field(65536, gt=0, description="largest response_format schema, grammar or tools "
@@ -172,6 +176,8 @@ class ModelSpec(_Strict):
             max_lora_rank=self.max_lora_rank,
             lora_dtype=self.lora_dtype,
             max_grammar_bytes=self.max_grammar_bytes,
+            decode_buckets=self.decode_buckets,
+            cuda_graphs=self.cuda_graphs,
         )
 
 

@@ -50,6 +50,8 @@ class EngineConfig:
     max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
     lora_dtype: str = "auto"  # adapter slots' dtype: auto (the model's), float32, bfloat16, float16 (vLLM's lora_dtype)
     kernels: str = "auto"  # auto (Triton on CUDA, C kernels on fp32 CPU, else torch), torch, triton
+    decode_buckets: bool = False  # decode steps padded to batch-size buckets, persistent inputs (decode_buckets.py)
+    cuda_graphs: bool = False  # capture each bucket's decode step as a CUDA graph (CUDA only; implies the buckets)
     max_grammar_bytes: int = 65536  # largest structured-output spec (its JSON) a request may send
     grammar_cache_size: int = 256  # compiled grammars kept (LRU)
 

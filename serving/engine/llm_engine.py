@@ -104,13 +104,23 @@ class LLMEngine:
             log.warning("KV cache holds %d tokens; capping max_model_len %d to it", num_blocks * config.block_size, ctx)
             ctx = num_blocks * config.block_size
         self.max_model_len = ctx
-        shape = (num_blocks, config.block_size, attn.num_kv_heads, attn.head_dim)
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ModelLoadError(f"cuda_graphs needs a CUDA device; this model runs on {self.device.type}")
+        buckets = config.decode_buckets or config.cuda_graphs
+        # with decode buckets, one more block than the allocator hands out takes the pad rows' K/V
+        shape = (num_blocks + int(buckets), config.block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.model.layers]
         log.info("kernels: %s; weights: %s; %d CPU threads", kernels.prepare(self.device, dtype),
                  cpu_path(dtype, config.quantization) if self.device.type == "cpu" else dtype, torch.get_num_threads())
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.buckets = None
+        if buckets:
+            from serving.engine.decode_buckets import DecodeBuckets
+
+            self.buckets = DecodeBuckets(self.model, self.kv_caches, num_blocks, config.block_size,
+                                         config.max_num_seqs, ctx, self.device, config.cuda_graphs)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.lora = None
@@ -307,7 +317,6 @@ class LLMEngine:
         if out.empty:
             return []
         now = time.monotonic()
-        batch = self._build_batch(out)
         sampled = [s.seq for s in out.prefills if s.samples] + [s.seq for s in out.decodes]
         for s in out.prefills + out.decodes:
             s.seq.first_scheduled_time = s.seq.first_scheduled_time or now
@@ -316,8 +325,10 @@ class LLMEngine:
                 req.metrics.setdefault("first_scheduled", now)
         lora_apply = None
         if self.lora is not None and self.lora.a:
-            lora_apply = self.lora.prepare_batch(out, batch)
-        logits = self.model(batch, self.kv_caches, lora_apply)
+            lora_apply = self.lora.prepare_batch(out)
+        logits = self.buckets.run(out) if self.buckets is not None and lora_apply is None else None
+        if logits is None:
+            logits = self.model(self._build_batch(out), self.kv_caches, lora_apply)
         self.scheduler.after_step(out)
         if not sampled:
             return []

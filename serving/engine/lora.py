@@ -331,7 +331,7 @@ class LoRAManager:
             self._clear_slot(slot)  # unregistered while in use
 
     # ---- per step ----------------------------------------------------------------------------------
-    def prepare_batch(self, out, batch):
+    def prepare_batch(self, out):
         """The per-token slot vector for this step and the function the model calls after each projection."""
         token_slots: list[int] = []
         for s in out.prefills:
