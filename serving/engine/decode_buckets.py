@@ -43,9 +43,11 @@ class DecodeBuckets:
         self.lens = torch.ones(b, dtype=torch.int32, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         empty = (torch.zeros(1, **i32), torch.zeros((1, 1), **i32), torch.zeros(0, **i32))
-        self.batches = {s: ForwardBatch(self.ids[:s], self.pos[:s], self.slots[:s], 0, *empty, self.tables[:s],
-                                        self.lens[:s], torch.arange(s, device=device)) for s in self.sizes}
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        bound = max_model_len if self.cuda_graphs else None  # a fixed split of the decode attention, no host sync
+        self.batches = {s: ForwardBatch(self.ids[:s], self.pos[:s], self.slots[:s], 0, *empty, self.tables[:s],
+                                        self.lens[:s], torch.arange(s, device=device), max_decode_seq_len=bound)
+                        for s in self.sizes}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 

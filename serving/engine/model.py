@@ -41,6 +41,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S_sample] long: rows of the packed batch to compute logits for
     lora: object | None = None  # serving.engine.lora.LoRABatch, per-token adapter slots
     prefill_from_start: bool = False  # every prefill chunk starts at position 0: attend to the fresh K/V directly
+    max_decode_seq_len: int | None = None  # a bound on decode_seq_lens: saves a device sync (CUDA graphs need it)
     extra: dict = field(default_factory=dict)
 
 
@@ -100,7 +101,8 @@ class Attention(nn.Module):
                 batch.prefill_seq_lens, self.scale)
         if n_pre < t:
             out[n_pre:] = kernels.paged_decode_attention(
-                q[n_pre:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, self.scale)
+                q[n_pre:], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, self.scale,
+                batch.max_decode_seq_len)
         out = out.reshape(t, self.q_size)
         y = self.o_proj(out)
         if lora_apply is not None:
