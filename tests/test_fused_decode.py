@@ -45,7 +45,8 @@ def test_fused_step_equals_the_per_op_path_bitwise(arch, quantization, tiny_mode
     for prompts in (rows[:1], rows[:2], rows[:5], rows[:8], rows[:23], rows):
         on, calls, tokens_on = _logits_per_step(engine, prompts, fused, params)
         off, none, tokens_off = _logits_per_step(engine, prompts, None, params)
-        assert none == [] and calls == [len(prompts)] * 11  # every decode step, never the prefill
+        prefill = sum(map(len, prompts))  # up to GEMV_ROWS prompt tokens: the prefill runs fused too
+        assert none == [] and calls == [prefill] * (prefill <= BF16Linear.GEMV_ROWS) + [len(prompts)] * 11
         assert tokens_on == tokens_off and len(on) == len(off) == 12
         for a, b in zip(on, off):
             assert torch.equal(a, b)
@@ -71,7 +72,7 @@ def test_fused_step_with_lora_equals_the_per_op_path_bitwise(lora_dtype, tiny_mo
         on, calls, tokens_on = _logits_per_step(engine, prompts, fused, params, names)
         off, _, tokens_off = _logits_per_step(engine, prompts, None, params, names)
         base, _, tokens_base = _logits_per_step(engine, prompts, fused, params)
-        assert calls == [len(prompts)] * 7 and tokens_on == tokens_off
+        assert calls == [sum(map(len, prompts))] + [len(prompts)] * 7 and tokens_on == tokens_off
         assert all(torch.equal(a, b) for a, b in zip(on, off))
         assert not torch.equal(on[-1], base[-1])  # the adapters change the logits
     engine.model.fused = fused
@@ -87,7 +88,7 @@ def test_fused_step_on_the_default_model_keeps_its_tokens(default_model_path):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     on, calls, tokens_on = _logits_per_step(engine, [ids], fused, params)
     off, _, tokens_off = _logits_per_step(engine, [ids], None, params)
-    assert calls == [1] * 9 and tokens_on == tokens_off
+    assert calls == [len(ids)] + [1] * 9 and tokens_on == tokens_off
     assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
@@ -111,3 +112,37 @@ def test_fused_step_is_skipped_where_it_does_not_apply(tiny_model_factory, tmp_p
     _, calls, lora = _logits_per_step(engine, [[5, 6, 7]], fused, params, ["a"])
     assert calls == []
     assert _logits_per_step(engine, [[5, 6, 7]], None, params, ["a"])[2] == lora
+
+
+def test_short_prefill_as_decode_rows_is_causal_prefill_attention(tiny_model_factory):
+    """as_decode_rows against the prefill kernels, in float32 (per op, so only the attention differs): prompts
+    from position 0, a prefix-cache hit (a chunk from the middle), a chunked prefill beside decodes."""
+    path = tiny_model_factory("llama")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    shared = list(range(30, 47))  # 17 tokens: four blocks cached, then a chunk from position 16
+    prompts = [[5, 6, 7, 8, 9], shared + [3], list(range(60, 80)), [7, 7]]
+
+    def run(as_rows):
+        engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=256, block_size=4,
+                                        max_num_batched_tokens=12))
+        model = engine.model
+        model.prefill_as_decode = as_rows
+        engine.generate([shared + [1]], params)  # fills the prefix cache
+        hits = engine.stats().get("prefix_cache_hits")
+        steps = []
+        hook = model.register_forward_hook(lambda m, inp, out: steps.append(out.clone()))
+        try:
+            outs = engine.generate(prompts, params)
+        finally:
+            hook.remove()
+        assert engine.stats().get("prefix_cache_hits") != hits
+        return steps, [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs]) for o in outs]
+
+    off_steps, off = run(False)
+    on_steps, on = run(True)
+    assert len(on_steps) == len(off_steps) > 3
+    for a, b in zip(on_steps, off_steps):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert [t for t, _ in on] == [t for t, _ in off]
+    for (_, a), (_, b) in zip(on, off):
+        assert a == pytest.approx(b, abs=1e-4)

@@ -1,22 +1,45 @@
 """One C call for every decoder layer of a decode step on bfloat16, int8 or int4 weights (lp_decode_layers).
 
-A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8
-half); the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs
-the same C kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
-(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear,
-Int8Linear or Int4Linear, the batch is decode-only with at most BF16Linear.GEMV_ROWS tokens, its LoRA groups
-(if any) run in C, and the C attention takes the caches; otherwise the per-op path runs. LoRA runs inside the
-call, after each projection, with the kernels the per-op path would call (a 32-adapter step's Python went
-with it). The layers' addresses are gathered
-once per KV cache allocation.
+A decode step of a few streams on the CPU reads 269 MB of bf16 weights (~15 ms at this VM's bandwidth; int8 half);
+the per-op path adds ~15 Python-level calls per layer on top (~8 ms over 30 layers). The fused call runs the same C
+kernels in the same order with the same thread counts, so its tokens are bitwise the per-op path's
+(tests/test_fused_decode.py compares them). It runs when every projection is a C-backed BF16Linear, Int8Linear or
+Int4Linear, the batch is decode-only (a short prefill comes as decode rows, as_decode_rows) with at most
+BF16Linear.GEMV_ROWS tokens, its LoRA groups (if any) run in C, and the C attention takes the caches; otherwise the
+per-op path runs. LoRA runs inside the call, after each projection, with the kernels the per-op path would call (a
+32-adapter step's Python went with it). The layers' addresses are gathered once per KV cache allocation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 
 from kernels import cpu_attention, cpu_native
 from serving.engine.linear import BF16Linear, Int4Linear, Int8Linear
+
+
+def as_decode_rows(batch):
+    """The same step with every prefill token as a decode row: its sequence's block table and its position + 1
+    as the context. Each layer writes the step's K/V before it attends, so a row attends to the chunk up to
+    itself and whatever the cache held before it: causal prefill attention. A short prompt (up to GEMV_ROWS
+    tokens with the decodes beside it) then takes the fused step; the per-op path gets the same batch, so the
+    two stay bitwise equal (int8, a 5-token prompt: 28 -> 16 ms, its first token in process 32 -> 18 ms)."""
+    n_pre = batch.num_prefill_tokens
+    n_dec = batch.input_ids.shape[0] - n_pre
+    counts = (batch.prefill_cu_seqlens[1:] - batch.prefill_cu_seqlens[:-1]).long()
+    pre = batch.prefill_block_tables.repeat_interleave(counts, dim=0)
+    dec = batch.decode_block_tables[:n_dec]
+    width = max(pre.shape[1], dec.shape[1])
+    tables = torch.cat([F.pad(pre, (0, width - pre.shape[1])), F.pad(dec, (0, width - dec.shape[1]))])
+    lens = torch.cat([(batch.positions[:n_pre] + 1).to(torch.int32), batch.decode_seq_lens[:n_dec]])
+    empty = batch.prefill_cu_seqlens[:1]
+    return dataclasses.replace(batch, num_prefill_tokens=0, prefill_cu_seqlens=empty,
+                               prefill_block_tables=batch.prefill_block_tables[:0],
+                               prefill_seq_lens=batch.prefill_seq_lens[:0], decode_block_tables=tables.contiguous(),
+                               decode_seq_lens=lens.contiguous(), prefill_from_start=False, max_decode_seq_len=None)
 
 
 def _projections(layer) -> tuple:

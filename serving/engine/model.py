@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import kernels
-from serving.engine.linear import PackedLinear, cpu_linear
+from serving.engine.linear import BF16Linear, PackedLinear, cpu_linear
 
 
 @dataclass
@@ -161,6 +161,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_dtype: torch.dtype | None = None  # float32 once pack_linears ran; else the weights' dtype
         self.fused = None  # serving.engine.fused_decode.FusedDecode once bf16/int8 projections are packed; None: per op
+        self.prefill_as_decode = False  # short prefills as decode rows (set with the fused path; forward)
         self.set_rope(inv_freq, attention_scaling, max_len)
 
     def set_rope(self, inv_freq: torch.Tensor, attention_scaling: float, max_len: int) -> None:
@@ -193,13 +194,19 @@ class CausalLM(nn.Module):
         from serving.engine.fused_decode import FusedDecode
 
         self.fused = FusedDecode.build(self)  # None unless every projection is C-backed bf16 or int8
+        self.prefill_as_decode = self.fused is not None
         return True
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], lora_apply=None):
-        """Returns logits [len(logits_indices), vocab] in float32."""
+        """Returns logits [len(logits_indices), vocab] in float32. On a model with a fused step, a short prefill
+        runs as decode rows (serving.engine.fused_decode.as_decode_rows), on the fused step or per op alike."""
+        if self.prefill_as_decode and batch.num_prefill_tokens and batch.input_ids.shape[0] <= BF16Linear.GEMV_ROWS:
+            from serving.engine.fused_decode import as_decode_rows
+
+            batch = as_decode_rows(batch)
         x = self.embed_tokens(batch.input_ids).to(self.activation_dtype or self.embed_tokens.weight.dtype)
         cos = self.rope_cos[batch.positions].to(x.dtype)
         sin = self.rope_sin[batch.positions].to(x.dtype)
