@@ -41,6 +41,7 @@ PRECISIONS = {
     "q4_1": ({"dtype": "bfloat16", "quantization": "int4"}, None),
 }
 CONCURRENT, MAX_TOKENS, CTX_PER_SLOT = 32, 128, 512
+TTFT_SAMPLES = 7  # short streamed requests per server and round; their median is the TTFT (3 was too noisy here)
 
 
 def serve_config(settings: dict) -> str:
@@ -122,7 +123,7 @@ async def http_figures(base: str, model: str, prompts: list[str], short: str) ->
         t1 = time.perf_counter()
         single = await one(client, prompts[0])
         single_wall = time.perf_counter() - t1
-        ttfts = [await ttft(client) for _ in range(3)]
+        ttfts = [await ttft(client) for _ in range(TTFT_SAMPLES)]
     return {"tok_s": sum(tokens) / wall, "single_tok_s": single / single_wall,
             "ttft_ms": statistics.median(t for t in ttfts if t is not None), "tokens": sum(tokens)}
 
@@ -147,7 +148,7 @@ async def in_process_figures(engine, prompts: list[str], short: str) -> dict:
     t1 = time.perf_counter()
     single = (await one(prompts[0]))[0]
     single_wall = time.perf_counter() - t1
-    ttfts = [(await one(short, SamplingParams(temperature=0, max_tokens=4)))[1] for _ in range(3)]
+    ttfts = [(await one(short, SamplingParams(temperature=0, max_tokens=4)))[1] for _ in range(TTFT_SAMPLES)]
     return {"tok_s": sum(r[0] for r in res) / wall, "single_tok_s": single / single_wall,
             "ttft_ms": statistics.median(ttfts), "tokens": sum(r[0] for r in res)}
 

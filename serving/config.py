@@ -94,6 +94,9 @@ class ModelSpec(_Strict):
                                                     "inputs (what CUDA graphs need; on the CPU padding costs)")
     cuda_graphs: bool = Field(False, description="capture decode steps as CUDA graphs per bucket (CUDA only; "
                                                  "not yet run on a GPU)")
+    first_token_pause_ms: float | None = Field(None, ge=0, le=100, description="CPU: after a step that gave a "
+                                               "streamed request its first token, leave the cores to the serving "
+                                               "path this long (at most every 80 ms); null: 4 on the CPU, 0 on CUDA")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="the tool-call format: auto reads the chat template (hermes where it takes no tools)")
     max_grammar_bytes: int = Field(65536, gt=0, description="largest response_format schema, grammar or tools "
@@ -178,6 +181,7 @@ class ModelSpec(_Strict):
             max_grammar_bytes=self.max_grammar_bytes,
             decode_buckets=self.decode_buckets,
             cuda_graphs=self.cuda_graphs,
+            first_token_pause_ms=self.first_token_pause_ms,
         )
 
 

@@ -198,3 +198,40 @@ def test_async_coalesced_deltas_carry_the_same_tokens_text_and_logprobs(tiny_mod
         assert {c.index: c.token_ids for c in sync.outputs} == {i: c["ids"] for i, c in a.items()}
     finally:
         engine.shutdown()
+
+
+def test_async_engine_pauses_after_a_streamed_first_token_only(tiny_model_factory, monkeypatch):
+    """After a step that gave a streamed request (coalesce_s 0) its first token, the CPU loop sleeps
+    first_token_pause_ms once; a gathered (non-streaming) request never pauses it, nor do its later tokens, and
+    two first tokens within FIRST_TOKEN_PAUSE_EVERY_S pause it once."""
+    import serving.engine.async_engine as ae
+
+    engine = AsyncEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=256))
+    assert engine.first_token_pause_s == 0.004  # the CPU default
+    pauses = []
+    real = engine._pause_for_first_token
+    engine._pause_for_first_token = lambda: pauses.append(engine._last_pause) or real()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def run(coalesce_s, n=1):
+        async def one(i):
+            return [o async for o in engine.generate(f"Hello {i}", params, coalesce_s=coalesce_s)]
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    try:
+        asyncio.run(run(0.5))
+        assert pauses == []  # gathered: no pause
+        asyncio.run(run(0.0))
+        assert len(pauses) == 1 and engine._last_pause > 0  # one pause, after the first token only
+        monkeypatch.setattr(ae, "FIRST_TOKEN_PAUSE_EVERY_S", 60.0)
+        slept = engine._last_pause
+        asyncio.run(run(0.0, n=3))
+        assert engine._last_pause == slept  # within the interval: asked, not slept
+        assert not engine._awaiting_first
+    finally:
+        engine.shutdown()
+    off = AsyncEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=64, first_token_pause_ms=0))
+    try:
+        assert off.first_token_pause_s == 0
+    finally:
+        off.shutdown()

@@ -53,6 +53,10 @@ class EngineConfig:
     decode_buckets: bool = False  # decode steps padded to batch-size buckets, persistent inputs (decode_buckets.py)
     cuda_graphs: bool = False  # capture each bucket's decode step as a CUDA graph (CUDA only; implies the buckets)
     max_grammar_bytes: int = 65536  # largest structured-output spec (its JSON) a request may send
+    # After a step that gave a streamed request its first token, the loop thread sleeps this long (at most
+    # once per FIRST_TOKEN_PAUSE_EVERY_S) so the serving path on the same cores sends it before the next step
+    # takes them; None: 4 on the CPU, 0 on CUDA (serving.engine.async_engine)
+    first_token_pause_ms: float | None = None
     grammar_cache_size: int = 256  # compiled grammars kept (LRU)
 
     def __post_init__(self):
