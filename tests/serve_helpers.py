@@ -64,7 +64,18 @@ class Server:
         assert r.returncode == 0, r.stderr + r.stdout
         return r
 
-    def start(self, timeout: float = 300) -> "Server":
+    def start(self, timeout: float = 300, bind_retries: int = 2) -> "Server":
+        """Start and wait for /ready; a port taken between choosing it and binding it gets a new port."""
+        try:
+            return self._start(timeout)
+        except RuntimeError as e:
+            if bind_retries <= 0 or "Failed to bind to address" not in str(e):
+                raise
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        return self.start(timeout, bind_retries - 1)
+
+    def _start(self, timeout: float) -> "Server":
         self.proc = subprocess.Popen(
             [*LORAPLEX, "serve", "--config", str(self.config), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)

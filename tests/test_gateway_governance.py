@@ -31,9 +31,15 @@ governance:
   pii_keys:
     blocker: {{prompt: block, output: allow}}
     redactor: {{prompt: allow, output: redact}}
+    echo-redactor: {{prompt: allow, output: redact}}
 """
 HELLO = [{"role": "user", "content": "Say hello."}]
-ECHO_EMAIL = [{"role": "user", "content": "Repeat exactly: my email is john.doe@example.com"}]
+# The schema's one allowed value makes the model write the address whatever its weights prefer (a bare "repeat
+# this" prompt flips to a refusal with the smallest change in numerics), so the output policy always has PII to catch.
+ECHO_EMAIL = {"messages": [{"role": "user", "content": "Repeat exactly: my email is john.doe@example.com"}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "echo", "strict": True, "schema": {
+                  "type": "object", "properties": {"email": {"enum": ["john.doe@example.com"]}},
+                  "required": ["email"], "additionalProperties": False}}}}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def keys(server):
     assert r.choices[0].message.content is not None
     made = {}
     for name, extra in [("admin", ["--role", "admin"]), ("user", ["--models", "smollm2-*"]),
-                        ("outsider", ["--models", "other-*"]), ("blocker", []), ("redactor", []),
+                        ("outsider", ["--models", "other-*"]), ("blocker", []), ("redactor", []), ("echo-redactor", []),
                         ("spender", ["--team", "finance"]), ("auditee", []),
                         ("reader", ["--collections", "public-*"])]:
         out = server.cli("keys", "create", "--name", name, "--json", *extra).stdout
@@ -111,21 +117,21 @@ def test_pii_in_a_prompt_is_blocked_naming_the_kinds(server, keys):
 
 def test_pii_in_a_streamed_output_is_redacted(server, keys):
     raw = _client(server, keys["user"]["key"]).chat.completions.create(
-        model=MODEL, messages=ECHO_EMAIL, max_tokens=24, temperature=0).choices[0].message.content
+        model=MODEL, **ECHO_EMAIL, max_tokens=40, temperature=0).choices[0].message.content
     expected, kinds = redact(raw)
-    assert kinds == ["email"], raw  # the model repeats the address: the policy has something to catch
-    stream = _client(server, keys["redactor"]["key"]).chat.completions.create(
-        model=MODEL, messages=ECHO_EMAIL, max_tokens=24, temperature=0, stream=True)
+    assert kinds == ["email"], raw
+    stream = _client(server, keys["echo-redactor"]["key"]).chat.completions.create(
+        model=MODEL, **ECHO_EMAIL, max_tokens=40, temperature=0, stream=True)
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     text = "".join(pieces)
     assert "john.doe@example.com" not in text and "@" not in text
     assert text == expected
     # completions too: the echoed prompt is part of the output the filter sees
-    r = _client(server, keys["redactor"]["key"]).completions.create(
+    r = _client(server, keys["echo-redactor"]["key"]).completions.create(
         model=MODEL, prompt="Mail me at ann@example.com", max_tokens=2, echo=True)
     assert r.choices[0].text.startswith("Mail me at [EMAIL]") and "ann@" not in r.choices[0].text
     with pytest.raises(openai.BadRequestError) as e:  # logprobs would leak the tokens the filter hides
-        _client(server, keys["redactor"]["key"]).chat.completions.create(
+        _client(server, keys["echo-redactor"]["key"]).chat.completions.create(
             model=MODEL, messages=HELLO, max_tokens=2, logprobs=True)
     assert e.value.body["param"] == "logprobs"
 
