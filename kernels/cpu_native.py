@@ -68,7 +68,10 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([cc, *COMPILE, *LINK]).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
-    out = subdir("kernels") / f"cpu_kernels-{key}.so"
+    cache = os.environ.get("LORAPLEX_KERNEL_CACHE")  # a folder shared by several data dirs (the tests use one)
+    out_dir = Path(cache).expanduser() if cache else subdir("kernels")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"cpu_kernels-{key}.so"
     if not out.exists():
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             obj, lib = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")

@@ -30,7 +30,8 @@ def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
     server = Server(tmp_path, CONFIG).start()
     seen: list[tuple[float, int]] = []
 
-    async def load(seconds: float, concurrency: int) -> list[int]:
+    async def load(seconds: float, concurrency: int, target: int) -> list[int]:
+        """`concurrency` users for at most `seconds`, stopping 3 s after `target` replicas are first running."""
         statuses: list[int] = []
         end = time.monotonic() + seconds
 
@@ -41,8 +42,11 @@ def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
                 statuses.append(r.status_code)
 
         async def watch():
+            nonlocal end
             while time.monotonic() < end:
-                seen.append((time.monotonic(), await asyncio.to_thread(running, server)))
+                seen.append((time.monotonic(), n := await asyncio.to_thread(running, server)))
+                if n == target:
+                    end = min(end, time.monotonic() + 3)
                 await asyncio.sleep(1)
 
         async with httpx.AsyncClient(base_url=server.base, timeout=300) as c:
@@ -54,13 +58,13 @@ def test_grows_under_load_and_shrinks_idle_without_cutting_a_request(tmp_path):
 
     try:
         assert running(server) == 1
-        busy = asyncio.run(load(40, 12))
+        busy = asyncio.run(load(40, 12, target=2))
         assert max(n for _, n in seen) == 2, seen  # grew to max_replicas under load
         assert set(busy) == {200}
         figures = {"scale_up_s": first(2), "busy_requests": len(busy)}
         seen.clear()
         # light load (one user): the deployment shrinks to min_replicas while that user's requests keep completing
-        light = asyncio.run(load(20, 1))  # it shrank within 7 s here
+        light = asyncio.run(load(30, 1, target=1))  # it shrank within 7 s here
         assert seen[-1][1] == 1 and set(light) == {200}, (seen, light)
         figures.update(scale_down_s=first(1), light_requests=len(light), failed=0)
         ART.mkdir(parents=True, exist_ok=True)  # the README's autoscaling figures come from here

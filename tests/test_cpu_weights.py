@@ -77,6 +77,7 @@ def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
             "print('ok')\n")
     env = dict(os.environ, CC=str(cc), LORAPLEX_HOME=str(tmp_path / "home"))
     env.pop("LORAPLEX_KERNELS", None)
+    env.pop("LORAPLEX_KERNEL_CACHE", None)  # build (or fail to) in this data dir, not the session's shared cache
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
                          cwd=str(Path(__file__).parent.parent))
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
@@ -138,7 +139,7 @@ def test_cpu_linear_picks_the_format_and_prepare_names_the_path():
     assert isinstance(cpu_linear(w, b, torch.bfloat16, "int8"), Int8Linear)
     assert isinstance(cpu_linear(w, b, torch.bfloat16, "int4"), Int4Linear)
     line = cpu_path(torch.bfloat16, None)
-    assert ("AVX512-BF16" in line) == bf16_native()
+    assert ("emulated" not in line) == bf16_native()  # the fallback's line names the missing AVX512-BF16 too
     if "avx512_bf16" in Path("/proc/cpuinfo").read_text():  # this VM's CPU: the hardware path must be found
         assert bf16_native() and "emulated" not in line
 

@@ -122,6 +122,7 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
             "assert torch.isfinite(out).all()\n")
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), LORAPLEX_HOME=str(tmp_path / "home"))
     env.pop("LORAPLEX_KERNELS", None)
+    env.pop("LORAPLEX_KERNEL_CACHE", None)  # build (or fail to) in this data dir, not the session's shared cache
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "torch (C kernels unavailable" in res.stdout
