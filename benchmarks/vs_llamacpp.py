@@ -10,7 +10,9 @@ q4_1 = int4), then runs rounds that alternate between them (this VM's speed drif
 server idle while the other runs. Per server and round: tok/s of 32 concurrent /v1/completions (prompts of 8-200
 words, 128 tokens each, ignore_eos, greedy), single-stream tok/s (one such request), and TTFT of one short
 streamed request. The same engine in process (AsyncEngine) is measured in the same rounds: the HTTP/in-process
-figure. Prints a table, writes a plot next to --out, and ends with one JSON line.
+figure. `--serving split,colocated` (the default) runs our server both ways in the same rounds: the model in its own
+replica behind the gateway, and `colocate: true` (the engine in the gateway replica, one hop less). Prints a table,
+writes a plot next to --out, and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ PRECISIONS = {
     "q4_1": ({"dtype": "bfloat16", "quantization": "int4"}, None),
 }
 CONCURRENT, MAX_TOKENS, CTX_PER_SLOT = 32, 128, 512
+SERVING = {"split": "loraplex", "colocated": "loraplex colocated"}  # --serving mode -> row label
 TTFT_SAMPLES = 7  # short streamed requests per server and round; their median is the TTFT (3 was too noisy here)
 
 
@@ -198,9 +201,11 @@ def plot(results: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(axes, ("tok_s", "single_tok_s", "ttft_ms"),
                               (f"tok/s, {CONCURRENT} concurrent", "single-stream tok/s", "TTFT, one request (ms)")):
-        for j, who in enumerate(("loraplex", "llama.cpp", "in-process")):
-            ax.bar([i + (j - 1) * 0.27 for i in range(len(precs))], [results[p][who][key] for p in precs], 0.27,
-                   label=who)
+        whos = list(results[precs[0]])
+        width = 0.8 / len(whos)
+        for j, who in enumerate(whos):
+            ax.bar([i + (j - (len(whos) - 1) / 2) * width for i in range(len(precs))],
+                   [results[p][who][key] for p in precs], width, label=who)
         ax.set_xticks(range(len(precs)), precs)
         ax.set_title(title)
     axes[0].legend()
@@ -210,34 +215,41 @@ def plot(results: dict, out: Path) -> Path:
     return out
 
 
-async def run_precision(prec, rounds, server, converter, folder, work, prompts, short, advance) -> dict:
-    """Both servers and the in-process engine at one precision, `rounds` rounds alternating which goes first."""
+async def run_precision(prec, rounds, server, converter, folder, work, prompts, short, advance,
+                        serving=("split",)) -> dict:
+    """Both servers (ours in each `serving` mode) and the in-process engine at one precision, `rounds` rounds
+    alternating which goes first."""
     from serving.engine import EngineConfig
     from serving.engine.async_engine import AsyncEngine
 
     settings, outtype = PRECISIONS[prec]
     gguf = make_gguf(converter, outtype, folder, work)
-    (work / f"{prec}.yaml").write_text(serve_config(settings))
-    ours, ours_base = _start_server(str(work / f"{prec}.yaml"), work / f"loraplex-{prec}.log")
+    ours = {}
+    for mode in serving:
+        cfg = work / f"{prec}-{mode}.yaml"
+        cfg.write_text(serve_config({**settings, "colocate": "true"} if mode == "colocated" else settings))
+        ours[SERVING[mode]] = _start_server(str(cfg), work / f"loraplex-{prec}-{mode}.log")
     theirs = None
-    rows = {"loraplex": [], "llama.cpp": [], "in-process": []}
+    rows = {**{who: [] for who in ours}, "llama.cpp": [], "in-process": []}
     try:
         theirs, theirs_base = start_llama(server, gguf, work / f"llama-{prec}.log")
-        _wait_ready(ours_base, ours, 600)
+        for proc, base in ours.values():
+            _wait_ready(base, proc, 600)
         engine = AsyncEngine(EngineConfig(model=MODEL, max_model_len=2048, kv_cache_memory="1GiB",
                                           max_num_seqs=64, enable_prefix_caching=False, **settings))
-        for base in (ours_base, theirs_base):  # warm-up: first allocations, kernels, caches
+        order = [(who, base) for who, (_, base) in ours.items()] + [("llama.cpp", theirs_base)]
+        for _, base in order:  # warm-up: first allocations, kernels, caches
             await http_figures(base, MODEL, prompts[:4], short)
         await in_process_figures(engine, prompts[:4], short)
         for rnd in range(rounds):
-            order = [("loraplex", ours_base), ("llama.cpp", theirs_base)]
             for who, base in order if rnd % 2 == 0 else order[::-1]:
                 rows[who].append(await http_figures(base, MODEL, prompts, short))
             rows["in-process"].append(await in_process_figures(engine, prompts, short))
             advance()
         engine.shutdown()
     finally:
-        _stop_server(ours)
+        for proc, _ in ours.values():
+            _stop_server(proc)
         if theirs is not None:
             theirs.terminate()
             theirs.wait(timeout=30)
@@ -262,13 +274,16 @@ async def main_async(args) -> dict:
     short = "The capital of France is"
     figures: dict[str, dict[str, list[dict]]] = {}
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    serving = [m.strip() for m in args.serving.split(",") if m.strip()]
+    if not serving or any(m not in SERVING for m in serving):
+        raise SystemExit(f"--serving {args.serving!r}: a comma-separated list of {', '.join(SERVING)}")
     errors: dict[str, str] = {}
     with Progress(console=console) as progress:
         task = progress.add_task("precisions", total=len(precisions) * args.rounds)
         for prec in precisions:
             try:
                 figures[prec] = await run_precision(prec, args.rounds, server, converter, folder, work, prompts,
-                                                    short, lambda: progress.advance(task))
+                                                    short, lambda: progress.advance(task), serving)
             except Exception as exc:  # one precision failing (a peer crash) must not lose the others
                 errors[prec] = f"{type(exc).__name__}: {exc}"
                 console.print(f"[red]{prec} failed: {errors[prec]}")
@@ -285,26 +300,29 @@ async def main_async(args) -> dict:
         table.add_column(col)
     out = {"benchmark": "vs_llamacpp", "machine": machine(), "requests": args.requests, "max_tokens": MAX_TOKENS,
            "rounds": args.rounds, "errors": errors, "figures_file": str(work / "figures.json")}
+    def ratio(p, who, ref, key):  # per round (each pair ran minutes apart at most), then the median
+        return round(statistics.median(a[key] / b[key] for a, b in zip(figures[p][who], figures[p][ref])), 3)
+
     for p, per in results.items():
         ref = per["llama.cpp"]
-        # ratios per round (each pair ran minutes apart at most), then the median
-        tr = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(figures[p]["loraplex"],
-                                                                         figures[p]["llama.cpp"]))
-        sr = statistics.median(a["single_tok_s"] / b["single_tok_s"] for a, b in zip(figures[p]["loraplex"],
-                                                                                       figures[p]["llama.cpp"]))
-        hr = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(figures[p]["loraplex"],
-                                                                         figures[p]["in-process"]))
         for who, f in per.items():
             table.add_row(p, who, f"{f['tok_s']:.0f}", f"{f['tok_s'] / ref['tok_s']:.2f}x",
                           f"{f['single_tok_s']:.0f}", f"{f['single_tok_s'] / ref['single_tok_s']:.2f}x",
                           f"{f['ttft_ms']:.0f}", f"{f['ttft_ms'] - ref['ttft_ms']:+.0f}")
-        out[p] = {"loraplex": {k: round(v, 1) for k, v in per["loraplex"].items()},
-                  "llama_cpp": {k: round(v, 1) for k, v in ref.items()},
-                  "in_process": {k: round(v, 1) for k, v in per["in-process"].items()},
-                  "throughput_ratio": round(tr, 3), "single_stream_ratio": round(sr, 3),
-                  "ttft_delta_ms": round(per["loraplex"]["ttft_ms"] - ref["ttft_ms"], 1),
-                  "http_vs_in_process": round(hr, 3),
-                  "http_added_ttft_ms": round(per["loraplex"]["ttft_ms"] - per["in-process"]["ttft_ms"], 1)}
+        out[p] = {"llama_cpp": {k: round(v, 1) for k, v in ref.items()},
+                  "in_process": {k: round(v, 1) for k, v in per["in-process"].items()}}
+        for mode in serving:  # "split" keeps the keys earlier runs printed; "colocated" nests its own
+            who = SERVING[mode]
+            mine = {"loraplex": {k: round(v, 1) for k, v in per[who].items()},
+                    "throughput_ratio": ratio(p, who, "llama.cpp", "tok_s"),
+                    "single_stream_ratio": ratio(p, who, "llama.cpp", "single_tok_s"),
+                    "ttft_delta_ms": round(per[who]["ttft_ms"] - ref["ttft_ms"], 1),
+                    "http_vs_in_process": ratio(p, who, "in-process", "tok_s"),
+                    "http_added_ttft_ms": round(per[who]["ttft_ms"] - per["in-process"]["ttft_ms"], 1)}
+            if mode == "split":
+                out[p].update(mine)
+            else:
+                out[p][mode] = mine
     console.print(table)
     if results:
         out["plot"] = str(plot(results, Path(args.out)))
@@ -321,6 +339,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_1")
     ap.add_argument("--requests", type=int, default=CONCURRENT)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--serving", default="split,colocated", help="our server's modes: split (the model in its own "
+                                                                  "replica), colocated (colocate: true), or both")
     ap.add_argument("--out", default=str(Path(__file__).parent / "vs_llamacpp.png"))
     emit(asyncio.run(main_async(ap.parse_args())))
 

@@ -47,12 +47,13 @@ def _replica_cpus() -> int:
         return os.cpu_count() or 1
 
 
-@serve.deployment(max_ongoing_requests=1024, health_check_period_s=10)
-class LLMServer:
-    """One base model: an engine per replica; adapters are served through the same engine (lora_name)."""
+class ModelReplica:
+    """One base model's engine and its replica API; adapters are served through the same engine (lora_name).
+    LLMServer is its Ray Serve deployment; a colocated model's replica lives in the gateway (serving.api.local_model).
+    """
 
-    async def __init__(self, spec: dict, adapters: dict[str, dict] | None = None,
-                       adapter_roots: list[str] | None = None):
+    async def load(self, spec: dict, adapters: dict[str, dict] | None = None,
+                   adapter_roots: list[str] | None = None) -> None:
         from serving.api.backend import ModelBackend
         from serving.engine import EngineConfig
         from serving.engine.async_engine import AsyncEngine
@@ -149,13 +150,25 @@ class LLMServer:
     def check_health(self) -> None:
         thread = getattr(self.backend.engine, "_thread", None)
         if thread is not None and not thread.is_alive():
-            raise RuntimeError("the engine loop thread died")
+            raise RuntimeError(f"the engine loop thread of {self.spec.name} died")
 
-    def __del__(self):
+    def shutdown(self) -> None:
         try:
             self.backend.engine.shutdown()
         except Exception:
             pass
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=10)
+class LLMServer(ModelReplica):
+    """A model's Ray Serve deployment: one engine per replica, reached from the gateway through handles."""
+
+    async def __init__(self, spec: dict, adapters: dict[str, dict] | None = None,
+                       adapter_roots: list[str] | None = None):
+        await self.load(spec, adapters, adapter_roots)
+
+    def __del__(self):
+        self.shutdown()
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -185,13 +198,22 @@ class EmbeddingServer:
 class Gateway:
     """The HTTP ingress: OpenAI routes, /health, /ready, /metrics. Holds handles to the model deployments."""
 
-    async def __init__(self, config: dict, llm_handles: dict, embed_handle=None, rag_handle=None):
+    async def __init__(self, config: dict, llm_handles: dict, embed_handle=None, rag_handle=None,
+                       colocated: dict[str, tuple] | None = None):
         from serving.api.gateway import GatewayCore
+        from serving.api.local_model import LocalHandle
         from serving.config import ServeConfig
 
         cfg = ServeConfig.model_validate(config)
         from serving.api.adapter_routes import build_router as adapter_router
 
+        self.local: list[ModelReplica] = []
+        llm_handles = dict(llm_handles)
+        for name, args in (colocated or {}).items():  # models whose engine runs here (`colocate: true`)
+            replica = ModelReplica()
+            await replica.load(*args)
+            self.local.append(replica)
+            llm_handles[name] = LocalHandle(replica)
         self.core = GatewayCore(cfg, llm_handles, embed_handle, routers=_optional_routers(cfg, rag_handle),
                                 rag_handle=rag_handle)
         self.core.extra_routers.append(adapter_router(self.core))
@@ -203,6 +225,14 @@ class Gateway:
         from serving.api.openai_routes import create_app
 
         return create_app(self.core)
+
+    def check_health(self) -> None:
+        for replica in self.local:
+            replica.check_health()
+
+    def __del__(self):
+        for replica in getattr(self, "local", ()):
+            replica.shutdown()
 
 
 def _optional_routers(cfg: ServeConfig, rag_handle) -> list:
@@ -252,9 +282,12 @@ def _replica_choice(spec: ModelSpec):
 
 def build_app(config: ServeConfig):
     """The bound Ray Serve application for a validated config."""
-    llm = {}
+    llm, colocated = {}, {}
     for spec in config.models:
         adapters = {a.name: {"source": a.source, "force": a.force} for a in config.adapters_for(spec.name)}
+        if spec.colocate:
+            colocated[spec.name] = (spec.model_dump(), adapters, config.adapter_roots)
+            continue
         llm[spec.name] = LLMServer.options(
             name=deployment_name(spec.name),
             ray_actor_options=spec.ray_actor_options.to_ray(),
@@ -275,9 +308,18 @@ def build_app(config: ServeConfig):
         rag = Retriever.options(name="retriever", ray_actor_options=config.rag.ray_actor_options.to_ray()).bind()
     s = config.server
     return Gateway.options(
-        name="gateway", num_replicas=s.num_replicas, ray_actor_options=s.ray_actor_options.to_ray(),
+        name="gateway", num_replicas=s.num_replicas, ray_actor_options=_gateway_actor_options(config),
         max_ongoing_requests=4096,
-    ).bind(_with_data_paths(config), llm, embed, rag)
+    ).bind(_with_data_paths(config), llm, embed, rag, colocated)
+
+
+def _gateway_actor_options(config: ServeConfig) -> dict:
+    """The server's actor options, with each colocated model's on top (the engine's CPUs, GPUs, memory)."""
+    options = config.server.ray_actor_options.to_ray()
+    for spec in config.models:
+        if spec.colocate:
+            options.update(spec.ray_actor_options.to_ray())
+    return options
 
 
 def from_args(args: dict):

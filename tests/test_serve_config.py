@@ -87,6 +87,8 @@ def _write(tmp_path, text):
      r"routes\.auto\.candidates\[0\]\.quality: Field required"),
     ("routes: {smollm2-135m-instruct: {candidates: [{model: smollm2-135m-instruct, quality: 1}]}}\n",
      r"both a route and a served model"),
+    ("models:\n  - {name: a, colocate: true, num_replicas: 2}\n",
+     r"models\[0\]\.colocate: .*scale it with server\.num_replicas"),
     ("models: [\n", r"not valid YAML \(line \d+, column \d+\)"),
 ])
 def test_mistakes_name_the_key_and_the_file(tmp_path, yaml_text, expected):
@@ -120,8 +122,8 @@ def test_build_app_takes_replicas_autoscaling_and_actor_options_from_the_config(
     })
     gateway = build_app(cfg)._bound_deployment
     assert gateway.name == "gateway" and gateway._deployment_config.num_replicas == 2
-    config_arg, llm, embed, rag = gateway.init_args
-    assert embed is None and rag is None and set(llm) == {"a", "b"}
+    config_arg, llm, embed, rag, colocated = gateway.init_args
+    assert embed is None and rag is None and set(llm) == {"a", "b"} and colocated == {}
     a, b = llm["a"]._bound_deployment, llm["b"]._bound_deployment
     assert a.name == "llm-a" and a._deployment_config.num_replicas == 3
     assert a.ray_actor_options["num_gpus"] == 1 and a.ray_actor_options["num_cpus"] == 2
@@ -163,3 +165,22 @@ def test_routes_take_price_and_context_from_the_served_models():
     assert a_sql.price.input_per_1m == 9
     # a model whose context is its own is bounded once it reports it
     assert cfg.parsed_routes({"b": 8192})["auto"].candidates[1].context_length == 512
+
+
+def test_a_colocated_model_is_loaded_by_the_gateway_not_a_deployment_of_its_own():
+    from serving.app import build_app
+
+    cfg = parse_config({
+        "server": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}},
+        "models": [{"name": "a", "colocate": True, "ray_actor_options": {"num_cpus": 2, "memory": 2**30}},
+                   {"name": "b"}],
+        "adapters": [{"name": "sql", "base": "a", "source": "/tmp/sql"}],
+        "embeddings": {"enabled": False}, "rag": {"enabled": False},
+    })
+    gateway = build_app(cfg)._bound_deployment
+    _, llm, _, _, colocated = gateway.init_args
+    assert set(llm) == {"b"} and set(colocated) == {"a"}  # "a" has no llm-a deployment
+    spec, adapters, _ = colocated["a"]
+    assert spec["name"] == "a" and adapters == {"sql": {"source": "/tmp/sql", "force": False}}
+    assert gateway._deployment_config.num_replicas == 2
+    assert gateway.ray_actor_options["num_cpus"] == 2 and gateway.ray_actor_options["memory"] == 2**30

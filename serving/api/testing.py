@@ -10,21 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+from serving.api.local_model import LocalHandle, LocalCall
 from serving.api.streaming import coalesce
 from serving.api.tool_parsers import Hermes
 
 MODEL = "fake-model"
 
 
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
-class FakeDeployment:
+class FakeDeployment(LocalHandle):
     """What serving.api.deployments needs of a Ray Serve handle. `script(req)` gives the texts to stream, one
     token each. `faults[k]` shapes the k-th call's replica: an int d loses it (Ray's ActorDiedError) after d deltas
     (-1: before it accepts), "full" makes it refuse with a full queue; later calls are healthy. A request with
@@ -32,26 +25,14 @@ class FakeDeployment:
     end a token earlier."""
 
     def __init__(self, script, fail_after: int | None = None, faults: list | None = None, stagger: bool = False):
+        super().__init__(None)  # the calls below answer; LocalHandle streams and broadcasts them
         self.script, self.fail_after, self.stagger = script, fail_after, stagger
         self.faults = list(faults or [])
         self.requests: list[dict] = []
-        self.stream = _Call(self._stream)
-        self.ready = _Call(self._ready)
-        self.models = _Call(self._models)
-        self.stats = _Call(self._stats)
-
-    def options(self, **_):
-        return self
-
-    def broadcast(self, method: str, *args):
-        """Serve's handle.broadcast: this fake is one replica."""
-        call = getattr(self, method)
-
-        class _Results:
-            async def results_async(self, timeout_s=None, return_exceptions=False):
-                return [await call.remote(*args)]
-
-        return _Results()
+        self.stream = LocalCall(self._stream)
+        self.ready = LocalCall(self._ready)
+        self.models = LocalCall(self._models)
+        self.stats = LocalCall(self._stats)
 
     async def _ready(self):
         return {"model": MODEL, "max_model_len": 512, "replica": "r1", "hf_id": "acme/fake", "aliases": []}
