@@ -10,9 +10,10 @@ q4_1 = int4), then runs rounds that alternate between them (this VM's speed drif
 server idle while the other runs. Per server and round: tok/s of 32 concurrent /v1/completions (prompts of 8-200
 words, 128 tokens each, ignore_eos, greedy), single-stream tok/s (one such request), and TTFT of one short
 streamed request. The same engine in process (AsyncEngine) is measured in the same rounds: the HTTP/in-process
-figure. `--serving split,colocated` (the default) runs our server both ways in the same rounds: the model in its own
-replica behind the gateway, and `colocate: true` (the engine in the gateway replica, one hop less). Prints a table,
-writes a plot next to --out, and ends with one JSON line.
+figure. `--serving split,colocated,direct` (the default) runs our server three ways in the same rounds: the model
+in its own replica behind the gateway; `colocate: true` (the engine in the gateway replica, one hop less); and that
+with `server.direct_ingress: true` (the gateway replica takes HTTP itself, no Serve proxy). Prints a table, writes
+a plot next to --out, and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ PRECISIONS = {
     "q4_1": ({"dtype": "bfloat16", "quantization": "int4"}, None),
 }
 CONCURRENT, MAX_TOKENS, CTX_PER_SLOT = 32, 128, 512
-SERVING = {"split": "loraplex", "colocated": "loraplex colocated"}  # --serving mode -> row label
+# --serving mode -> row label; "direct" is colocated with server.direct_ingress (no Serve proxy in between)
+SERVING = {"split": "loraplex", "colocated": "loraplex colocated", "direct": "loraplex direct"}
 TTFT_SAMPLES = 7  # short streamed requests per server and round; their median is the TTFT (3 was too noisy here)
 
 
-def serve_config(settings: dict) -> str:
+def serve_config(settings: dict, server: str = "") -> str:
     extra = "".join(f"\n    {k}: {v}" for k, v in settings.items())
-    return f"""
+    return f"""{server}
 models:
   - name: {MODEL}
     max_model_len: 2048
@@ -208,9 +210,10 @@ def plot(results: dict, out: Path) -> Path:
                    [results[p][who][key] for p in precs], width, label=who)
         ax.set_xticks(range(len(precs)), precs)
         ax.set_title(title)
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"loraplex vs llama.cpp, SmolLM2-135M-Instruct, {machine()}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out, dpi=110)
     return out
 
@@ -227,7 +230,8 @@ async def run_precision(prec, rounds, server, converter, folder, work, prompts, 
     ours = {}
     for mode in serving:
         cfg = work / f"{prec}-{mode}.yaml"
-        cfg.write_text(serve_config({**settings, "colocate": "true"} if mode == "colocated" else settings))
+        cfg.write_text(serve_config({**settings, "colocate": "true"} if mode != "split" else settings,
+                                    "server: {direct_ingress: true}" if mode == "direct" else ""))
         ours[SERVING[mode]] = _start_server(str(cfg), work / f"loraplex-{prec}-{mode}.log")
     theirs = None
     rows = {**{who: [] for who in ours}, "llama.cpp": [], "in-process": []}
@@ -311,7 +315,7 @@ async def main_async(args) -> dict:
                           f"{f['ttft_ms']:.0f}", f"{f['ttft_ms'] - ref['ttft_ms']:+.0f}")
         out[p] = {"llama_cpp": {k: round(v, 1) for k, v in ref.items()},
                   "in_process": {k: round(v, 1) for k, v in per["in-process"].items()}}
-        for mode in serving:  # "split" keeps the keys earlier runs printed; "colocated" nests its own
+        for mode in serving:  # "split" keeps the keys earlier runs printed; the others nest their own
             who = SERVING[mode]
             mine = {"loraplex": {k: round(v, 1) for k, v in per[who].items()},
                     "throughput_ratio": ratio(p, who, "llama.cpp", "tok_s"),
@@ -339,8 +343,9 @@ def main() -> None:
     ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_1")
     ap.add_argument("--requests", type=int, default=CONCURRENT)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--serving", default="split,colocated", help="our server's modes: split (the model in its own "
-                                                                  "replica), colocated (colocate: true), or both")
+    ap.add_argument("--serving", default="split,colocated,direct",
+                    help="our server's modes: split (the model in its own replica), colocated (colocate: true), "
+                         "direct (colocated, with server.direct_ingress: true)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "vs_llamacpp.png"))
     emit(asyncio.run(main_async(ap.parse_args())))
 

@@ -85,6 +85,7 @@ def cmd_serve(args) -> int:
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     local = address is None
+    proxy_port = _direct_ingress(cfg, local)
     print(f"loraplex: starting Ray {'(local)' if local else 'at ' + address} ...", flush=True)
     if local:
         # address="local": always a fresh instance, never someone else's cluster on this machine.
@@ -96,7 +97,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        http = {"host": cfg.server.host, "port": cfg.server.port}
+        http = {"host": cfg.server.host, "port": proxy_port or cfg.server.port}
         if cfg.server.request_timeout_s:
             http["request_timeout_s"] = cfg.server.request_timeout_s
         serve.start(http_options=http, proxy_location=cfg.server.proxy_location)
@@ -118,6 +119,36 @@ def cmd_serve(args) -> int:
         finally:
             ray.shutdown()
     return 0
+
+
+def _direct_ingress(cfg, local: bool) -> int | None:
+    """With server.direct_ingress, Ray Serve's direct ingress: the gateway replica binds server.port itself (the
+    controller hands out ports from a one-port range) and Serve's proxy, which still starts, moves to a free port
+    of its own. Released ports and drains wait for a load balancer that is not there: both off. Returns the
+    proxy's port, or None without direct ingress."""
+    if not cfg.server.direct_ingress:
+        return None
+    if not local:
+        raise CLIError("server.direct_ingress needs the local Ray instance that `loraplex serve` starts (on a "
+                       "cluster, Serve reads RAY_SERVE_ENABLE_DIRECT_INGRESS on every node): leave out --address "
+                       "and RAY_ADDRESS, or the key")
+    if cfg.server.port == 0:
+        raise CLIError("server.direct_ingress needs a fixed port, not 0")
+    import socket
+
+    from serving.router.sim import free_port
+
+    port = cfg.server.port
+    with socket.socket() as probe:  # the replica would retry a taken port without end; say it now
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve binds it
+        try:
+            probe.bind((cfg.server.host, port))
+        except OSError as exc:
+            raise CLIError(f"server.port: {cfg.server.host}:{port} is in use ({exc.strerror})") from None
+    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1), "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"})
+    return free_port()
 
 
 def cmd_chat(args) -> int:

@@ -69,7 +69,7 @@ class Server:
         try:
             return self._start(timeout)
         except RuntimeError as e:
-            if bind_retries <= 0 or "Failed to bind to address" not in str(e):
+            if bind_retries <= 0 or not ("Failed to bind to address" in str(e) or "is in use" in str(e)):
                 raise
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"

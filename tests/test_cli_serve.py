@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -31,6 +32,17 @@ def test_serve_refuses_a_bad_config_before_starting_ray(tmp_path):
     assert r.returncode == 2 and "no such config file" in r.stderr
     r = run("serve", "--port", "70000")
     assert r.returncode == 2 and "--port" in r.stderr
+    cfg.write_text("server: {direct_ingress: true}\n")
+    r = run("serve", "--config", str(cfg), "--address", "127.0.0.1:1")  # refused before it connects
+    assert r.returncode == 2 and "server.direct_ingress needs the local Ray instance" in r.stderr
+    r = run("serve", "--config", str(cfg), "--port", "0")
+    assert r.returncode == 2 and "server.direct_ingress needs a fixed port" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("serve", "--config", str(cfg), "--port", str(port))
+    assert r.returncode == 2 and f"server.port: 127.0.0.1:{port} is in use" in r.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

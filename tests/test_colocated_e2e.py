@@ -1,13 +1,17 @@
-"""`colocate: true` on real Ray Serve: the default model's engine runs inside the gateway replica.
+"""`colocate: true` with `server.direct_ingress: true` on real Ray Serve: the default model's engine runs inside
+the gateway replica, which takes HTTP on the server's port itself.
 
-No model deployment exists (no `llm-` replica process); the official `openai` client gets the same greedy text
+No model deployment exists (no `llm-` replica process) and the port's listener is the gateway replica, not Serve's
+proxy; the official `openai` client gets the same greedy text
 streamed and whole; an adapter loaded through the admin API serves and unloads; a client that leaves mid-stream
 frees its engine slot (the running-requests gauge goes back to 0).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,11 +26,30 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("colocated"), small_config({"colocate": True, "dtype": "float32"})).start()
+    config = small_config({"colocate": True, "dtype": "float32"}, server={"direct_ingress": True})
+    s = Server(tmp_path_factory.mktemp("colocated"), config).start()
     try:
         yield s
     finally:
         s.stop()
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on 127.0.0.1:`port` (from /proc: the socket's inode, then whose fd it is)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if any(os.readlink(fd) in inodes for fd in (d / "fd").iterdir()):
+                    return int(d.name)
+            except OSError:
+                continue
+    return None
 
 
 def _running(server: Server) -> float:
@@ -38,7 +61,8 @@ def _running(server: Server) -> float:
 
 def test_the_model_runs_in_the_gateway_replica_and_answers_the_openai_client(server):
     assert replica_pids(server.home, "llm-") == []  # no model deployment: no gateway -> model hop
-    assert len(replica_pids(server.home, "gateway")) == 1
+    gateways = replica_pids(server.home, "gateway")
+    assert len(gateways) == 1 and listener_pid(server.port) == gateways[0]  # direct ingress: no proxy in between
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="none")
     messages = [{"role": "user", "content": "Name three colours."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)

@@ -89,6 +89,7 @@ def _write(tmp_path, text):
      r"both a route and a served model"),
     ("models:\n  - {name: a, colocate: true, num_replicas: 2}\n",
      r"models\[0\]\.colocate: .*scale it with server\.num_replicas"),
+    ("server: {direct_ingress: true, num_replicas: 2}\n", r"server\.direct_ingress: .*only one"),
     ("models: [\n", r"not valid YAML \(line \d+, column \d+\)"),
 ])
 def test_mistakes_name_the_key_and_the_file(tmp_path, yaml_text, expected):

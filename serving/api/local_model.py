@@ -60,6 +60,9 @@ class LocalStream:
 
 
 class LocalCall:
+    """`handle.<method>.remote(...)` in process: an async generator comes back as a LocalStream, a coroutine as
+    itself, a plain value as an awaitable of it (what awaiting a Ray DeploymentResponse gives)."""
+
     def __init__(self, fn):
         self.fn = fn
 
