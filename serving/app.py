@@ -325,9 +325,13 @@ def _gateway_actor_options(config: ServeConfig) -> dict:
 def from_args(args: dict):
     """Ray Serve's application builder, for `serve run serving.app:from_args config=...` and a KubeRay RayService
     (deploy/rayservice.yaml): args {"config": path to a serve.yaml}; errors name the key, as `loraplex serve`'s."""
-    from serving.config import load_config
+    from serving.config import ConfigError, load_config
 
-    return build_app(load_config(args.get("config")))
+    config = load_config(args.get("config"))
+    if config.server.direct_ingress:  # `loraplex serve` sets it up; here Serve's own settings decide
+        raise ConfigError("server.direct_ingress applies to `loraplex serve`; under `serve run` or a RayService, "
+                          "set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (and its port range) on the nodes instead")
+    return build_app(config)
 
 
 def _with_data_paths(config: ServeConfig) -> dict:

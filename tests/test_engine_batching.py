@@ -202,8 +202,9 @@ def test_async_coalesced_deltas_carry_the_same_tokens_text_and_logprobs(tiny_mod
 
 def test_async_engine_pauses_after_a_streamed_first_token_only(tiny_model_factory, monkeypatch):
     """After a step that gave a streamed request (coalesce_s 0) its first token, the CPU loop sleeps
-    first_token_pause_ms once; a gathered (non-streaming) request never pauses it, nor do its later tokens, and
-    two first tokens within FIRST_TOKEN_PAUSE_EVERY_S pause it once."""
+    first_token_pause_ms once; a gathered (non-streaming) request never pauses it, nor do its later tokens; two
+    first tokens within FIRST_TOKEN_PAUSE_EVERY_S pause it once, unless at most FIRST_TOKEN_PAUSE_ALWAYS_UP_TO
+    requests run (each pauses then)."""
     import serving.engine.async_engine as ae
 
     engine = AsyncEngine(EngineConfig(model=tiny_model_factory("llama"), num_kv_blocks=256))
@@ -224,6 +225,10 @@ def test_async_engine_pauses_after_a_streamed_first_token_only(tiny_model_factor
         asyncio.run(run(0.0))
         assert len(pauses) == 1 and engine._last_pause > 0  # one pause, after the first token only
         monkeypatch.setattr(ae, "FIRST_TOKEN_PAUSE_EVERY_S", 60.0)
+        slept = engine._last_pause
+        asyncio.run(run(0.0))
+        assert engine._last_pause > slept  # within the interval, but a lone request: slept again
+        monkeypatch.setattr(ae, "FIRST_TOKEN_PAUSE_ALWAYS_UP_TO", 0)
         slept = engine._last_pause
         asyncio.run(run(0.0, n=3))
         assert engine._last_pause == slept  # within the interval: asked, not slept

@@ -185,3 +185,13 @@ def test_a_colocated_model_is_loaded_by_the_gateway_not_a_deployment_of_its_own(
     assert spec["name"] == "a" and adapters == {"sql": {"source": "/tmp/sql", "force": False}}
     assert gateway._deployment_config.num_replicas == 2
     assert gateway.ray_actor_options["num_cpus"] == 2 and gateway.ray_actor_options["memory"] == 2**30
+
+
+def test_the_ray_serve_builder_refuses_direct_ingress_it_cannot_set_up(tmp_path):
+    from serving.app import from_args
+
+    path = _write(tmp_path, "server: {direct_ingress: true}\nembeddings: {enabled: false}\nrag: {enabled: false}\n")
+    with pytest.raises(ConfigError, match="server.direct_ingress applies to `loraplex serve`"):
+        from_args({"config": str(path)})
+    path.write_text("embeddings: {enabled: false}\nrag: {enabled: false}\n")
+    assert from_args({"config": str(path)})._bound_deployment.name == "gateway"
