@@ -33,6 +33,8 @@ def _node_id() -> str | None:
     try:
         import ray
 
+        if not ray.is_initialized():  # a colocated replica outside Ray (tests): get_runtime_context would start one
+            return None
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray
         return None

@@ -163,3 +163,11 @@ def test_a_cancelled_colocated_stream_frees_its_engine_slot(colocated):
 
     running, freed = asyncio.run(go())
     assert running == 1 and freed
+
+
+def test_a_colocated_replica_outside_ray_never_starts_ray(colocated):
+    import ray
+
+    cfg, replica = colocated
+    stats = asyncio.run(LocalHandle(replica).stats.remote())
+    assert stats["node"] is None and not ray.is_initialized()  # a Ray started here would die with later tests
