@@ -16,8 +16,8 @@ from tests.serve_helpers import MODEL, Server
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ONE_SLOT = """    source: {model}
-    max_model_len: 1024
-    kv_cache_memory: 128MiB
+    max_model_len: 4096
+    kv_cache_memory: 256MiB
     max_num_seqs: 1
     max_waiting: 1
     enable_prefix_caching: false
@@ -41,7 +41,8 @@ routes:
       - {{model: pricey, quality: 0.8}}
 """
 HELLO = [{"role": "user", "content": "Say hello."}]
-LONG = {"messages": [{"role": "user", "content": "Count from one to one thousand."}], "max_tokens": 600,
+# long enough to outlast the whole scenario on a fast CPU (600 tokens ended before it did: bf16 at ~150 tok/s)
+LONG = {"messages": [{"role": "user", "content": "Count from one to one thousand."}], "max_tokens": 4000,
         "ignore_eos": True, "stream": True}
 
 
