@@ -156,11 +156,16 @@ async def _chat(http, headers=None, model="auto"):
                            json={"model": model, "messages": HELLO, "max_tokens": 2})
 
 
+# a fresh connection per request: a pooled one idle for the proxy's keep-alive timeout can be closed just as it is
+# reused ("Server disconnected without sending a response", seen once here under CI load)
+FRESH = httpx.Limits(max_keepalive_connections=0)
+
+
 def test_load_fallback_and_all_down(server):
     async def scenario():
         stack: list = []
         tasks: list = []
-        async with httpx.AsyncClient(base_url=server.base, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=server.base, timeout=120, limits=FRESH) as http:
             try:
                 # fill `cheap`: one request running, one queued (its limit)
                 resp = await _running(http, "auto", stack)
@@ -192,7 +197,7 @@ def test_load_fallback_and_all_down(server):
                     await (cm.aclose() if hasattr(cm, "aclose") else cm.__aexit__(None, None, None))
         # once the queues drain, the route answers again
         for _ in range(120):
-            async with httpx.AsyncClient(base_url=server.base, timeout=120) as http:
+            async with httpx.AsyncClient(base_url=server.base, timeout=120, limits=FRESH) as http:
                 r = await _chat(http)
             if r.status_code == 200:
                 return r
