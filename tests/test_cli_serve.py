@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -71,3 +72,13 @@ def test_chat_answers_in_the_terminal():
     r = run("chat", "--max-tokens", "4", "--temperature", "0", stdin="Say hello.\n/reset\n/exit\n", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "assistant" in r.stdout and "conversation cleared" in r.stdout
+
+
+def test_serve_runs_each_replica_on_one_event_loop_unless_told_otherwise(monkeypatch):
+    from serving.cli import ONE_LOOP_ENV, _one_loop_per_replica
+
+    first, second = ONE_LOOP_ENV
+    monkeypatch.delenv(first, raising=False)
+    monkeypatch.setenv(second, "1")  # an operator's own choice stays
+    _one_loop_per_replica()
+    assert os.environ[first] == "0" and os.environ[second] == "1"

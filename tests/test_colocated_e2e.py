@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from serving.cli import ONE_LOOP_ENV
 from tests.conftest import make_lora_adapter
 from tests.serve_helpers import MODEL, Server, small_config
 from tests.test_replicas_e2e import replica_pids
@@ -63,6 +64,8 @@ def test_the_model_runs_in_the_gateway_replica_and_answers_the_openai_client(ser
     assert replica_pids(server.home, "llm-") == []  # no model deployment: no gateway -> model hop
     gateways = replica_pids(server.home, "gateway")
     assert len(gateways) == 1 and listener_pid(server.port) == gateways[0]  # direct ingress: no proxy in between
+    environ = (Path("/proc") / str(gateways[0]) / "environ").read_bytes().split(b"\0")
+    assert all(f"{k}={v}".encode() in environ for k, v in ONE_LOOP_ENV.items())  # one event loop per replica
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="none")
     messages = [{"role": "user", "content": "Name three colours."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
