@@ -132,6 +132,17 @@ def test_int4_projection_is_q4_1_of_its_weight():
         Int4Linear(torch.randn(8, 40), None)
 
 
+@pytest.mark.parametrize("cls", [BF16Linear, Int8Linear, Int4Linear])
+def test_a_row_gets_the_same_bits_alone_or_in_a_batch(cls):
+    """With a bias, a row computed in a 4 x 4 tile (vector stores) and alone (a 1 x 4 tile, scalar stores) gives the
+    same bits, so a sequence's tokens do not depend on its batch's size (98 outputs: a last group of 2 rows)."""
+    w, b, _ = _weights(n=98, seed=3)
+    lin = cls(w, b)
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(9))
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(9)])
+    assert torch.equal(lin(x).view(torch.int32), alone.view(torch.int32))
+
+
 def test_cpu_linear_picks_the_format_and_prepare_names_the_path():
     w, b, _ = _weights()
     assert isinstance(cpu_linear(w, b, torch.float32, None), PackedLinear)

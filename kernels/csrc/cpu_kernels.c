@@ -416,6 +416,39 @@ static inline void store_tile(float *y, int64_t N, int m, int MB, int64_t n0, in
             y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * NB + j] + (bias ? bias[n0 + j] : 0.f));
 }
 
+/* store_tile for a 4 x 4 tile (every tile of a 32-row step) in vector registers: the same float add and the same
+ * round-to-nearest-even integer arithmetic as round_bf16, so the same bits, without 16 scalar rounds a tile (a
+ * step's 32-row GEMMs, cold weights: 4-5% faster in interleaved rounds on the 2-core VM). scale (per output, the
+ * widened formats) multiplies first, in one fma with the bias as the scalar form compiles; the bf16 kernel rounds
+ * (round 1), the widened ones do not. */
+static inline void store_tile_4x4(float *y, int64_t N, int m, int64_t n0, const float *out, const float *scale,
+                                  const float *bias, int round) {
+#if LP_HAVE_BF16
+    __m512 v = _mm512_loadu_ps(out);
+    const __m512 b = bias ? _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n0)) : _mm512_setzero_ps();
+    if (scale) /* one rounding, as the scalar o * scale + bias compiles (-ffast-math contracts it) */
+        v = _mm512_fmadd_ps(v, _mm512_broadcast_f32x4(_mm_loadu_ps(scale + n0)), b);
+    else if (bias)
+        v = _mm512_add_ps(v, b);
+    if (round) {
+        const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                               _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        v = _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
+    }
+    _mm_storeu_ps(y + (int64_t)m * N + n0, _mm512_extractf32x4_ps(v, 0));
+    _mm_storeu_ps(y + (int64_t)(m + 1) * N + n0, _mm512_extractf32x4_ps(v, 1));
+    _mm_storeu_ps(y + (int64_t)(m + 2) * N + n0, _mm512_extractf32x4_ps(v, 2));
+    _mm_storeu_ps(y + (int64_t)(m + 3) * N + n0, _mm512_extractf32x4_ps(v, 3));
+#else
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+            const float o = (scale ? out[i * 4 + j] * scale[n0 + j] : out[i * 4 + j]) + (bias ? bias[n0 + j] : 0.f);
+            y[(int64_t)(m + i) * N + n0 + j] = round ? round_bf16(o) : o;
+        }
+#endif
+}
+
 void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const uint16_t *w, int64_t N,
                     const float *bias, float *y, int nthreads) {
     uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
@@ -442,7 +475,7 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
         int m = 0;
         for (; m + 4 <= M; m += 4) {  /* 16 accumulators: 8 loads per 16 dot products (2x4: 6 per 8) */
             gemv_tile_4x4(xb + m * K, K, wr, out);
-            store_tile(y, N, m, 4, n0, 4, out, bias);
+            store_tile_4x4(y, N, m, n0, out, NULL, bias, 1);
         }
         for (; m + 2 <= M; m += 2) {
             gemv_tile_2x4(xb + m * K, K, wr, out);
@@ -509,6 +542,11 @@ static void lp_linear_widened(const float *x, int64_t x_stride, int M, int64_t K
                 else if (nb == 4) gemv_tile_1x4(xb + m * K, K, wb, out);
                 else
                     for (int j = 0; j < nb; j++) gemv_tile_1x1(xb + m * K, K, wb + j * K, out + j);
+                if (nb == 4 && mb == 4) {
+                    store_tile_4x4(y, N, m, n0, out, out_scale, bias, 0);
+                    m += mb;
+                    continue;
+                }
                 for (int i = 0; i < mb; i++)
                     for (int j = 0; j < nb; j++) {
                         const float o = out[i * nb + j];
