@@ -59,7 +59,11 @@ def test_decode_matches_sdpa(shape):
         torch.testing.assert_close(out[i], _sdpa(q[i:i + 1], k, v, d ** -0.5)[0], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: f"d{s[0]}-h{s[1]}x{s[2]}-bs{s[3]}")
+# heads of 64 over a bf16 cache take their own kernel (groups of 1, 3, 4 and 8 heads; blocks over 16 tokens)
+BF16_SHAPES = SHAPES + [(64, 8, 2, 32, [40, 32, 7]), (64, 16, 2, 16, [50, 3])]
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: f"d{s[0]}-h{s[1]}x{s[2]}-bs{s[3]}")
 def test_decode_over_a_bf16_cache_matches_sdpa(shape):
     """dtype bfloat16 on the CPU: float32 queries over a bfloat16 KV cache, widened as read; SDPA on the same
     bf16 values in float32 is the reference."""

@@ -106,7 +106,7 @@ _Pragma("omp simd")                                                             
     }                                                                                                                \
 }
 PAGED_DECODE(lp_paged_decode_f32, float, ld_f32)
-PAGED_DECODE(lp_paged_decode_bf16kv, uint16_t, ld_bf16)
+PAGED_DECODE(lp_paged_decode_bf16kv_any, uint16_t, ld_bf16) /* lp_paged_decode_bf16kv, below, for other shapes */
 
 /* RMSNorm over rows of H, optionally after adding delta into the residual stream in place (the decoder layer's
  * "x = x + sublayer(x); h = norm(x)" in one pass): out = w * x / sqrt(mean(x^2) + eps). Rows may be strided. */
@@ -374,6 +374,145 @@ static inline void lp_hsum16(const __m512 *v, int n, float *out) {
     else _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1u), r);
 }
 
+/* lp_paged_decode_bf16kv for heads of 64 with AVX-512 (SmolLM2's and Llama 3.2's): each K and V row is widened once
+ * for its whole group of query heads (the generic loop widens it once per head), a block's scores are reduced 16 at
+ * a time through lp_hsum16, a head's block of scores is gathered and maxed in one vector, and the output
+ * accumulates in registers across a block's tokens, 4 heads at a time. 30 layers x 32 sequences of ~190 tokens on
+ * the 2-core VM, interleaved with the generic kernel: 7.2-7.7 -> 5.2 ms (136 MiB of KV: 19 -> 27 GB/s); with the
+ * KV in cache 5.4 -> 2.7 ms. Same float32 arithmetic and online softmax; scores are summed in another order. */
+static inline __m512 lp_widen16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* acc[j * 64 ..] += sum over a block's n tokens of p[j][t] * V row t, for NJ heads sharing one KV head (NJ a
+ * constant, so the 4 * NJ accumulators stay in registers) */
+#define LP_PV64(NJ)                                                                                                 \
+static inline void lp_pv64_##NJ(float *acc, const uint16_t *v, int64_t tok_stride, int n,                          \
+                                const float (*p)[MAX_BLOCK]) {                                                    \
+    __m512 ra[4 * NJ];                                                                                            \
+    for (int i = 0; i < 4 * NJ; i++) ra[i] = _mm512_load_ps(acc + 16 * i);                                        \
+    for (int t = 0; t < n; t++) {                                                                                 \
+        const uint16_t *vr = v + t * tok_stride;                                                                  \
+        const __m512 v0 = lp_widen16(vr), v1 = lp_widen16(vr + 16), v2 = lp_widen16(vr + 32),                     \
+                     v3 = lp_widen16(vr + 48);                                                                    \
+        for (int j = 0; j < NJ; j++) {                                                                            \
+            const __m512 pt = _mm512_set1_ps(p[j][t]);                                                            \
+            ra[4 * j] = _mm512_fmadd_ps(pt, v0, ra[4 * j]);                                                       \
+            ra[4 * j + 1] = _mm512_fmadd_ps(pt, v1, ra[4 * j + 1]);                                               \
+            ra[4 * j + 2] = _mm512_fmadd_ps(pt, v2, ra[4 * j + 2]);                                               \
+            ra[4 * j + 3] = _mm512_fmadd_ps(pt, v3, ra[4 * j + 3]);                                               \
+        }                                                                                                         \
+    }                                                                                                             \
+    for (int i = 0; i < 4 * NJ; i++) _mm512_store_ps(acc + 16 * i, ra[i]);                                        \
+}
+LP_PV64(1)
+LP_PV64(2)
+LP_PV64(3)
+LP_PV64(4)
+
+static void lp_paged_decode_bf16kv_d64(const float *q, int64_t q_stride, const uint16_t *k_cache,
+                                       const uint16_t *v_cache, const int32_t *block_tables, int64_t bt_stride,
+                                       const int32_t *seq_lens, float *out, int S, int Hq, int Hkv, int BS,
+                                       float scale, int nthreads) {
+    enum { D = 64 };
+    const int G = Hq / Hkv;
+    const int64_t tok_stride = (int64_t)Hkv * D, blk_stride = (int64_t)BS * Hkv * D, row_bytes = tok_stride * 2;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int s = 0; s < S; s++) {
+        const int len = seq_lens[s];
+        float qv[MAX_HEADS * D] __attribute__((aligned(64))), acc[MAX_HEADS * D] __attribute__((aligned(64)));
+        float sc[MAX_BLOCK * MAX_HEADS + 16], p[MAX_HEADS][MAX_BLOCK], m[MAX_HEADS], l[MAX_HEADS];
+        const __m512 vscale = _mm512_set1_ps(scale);
+        for (int h = 0; h < Hq; h++) {
+            const float *src = q + s * q_stride + (int64_t)h * D;
+            for (int c = 0; c < D; c += 16) {
+                _mm512_store_ps(qv + h * D + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), vscale));
+                _mm512_store_ps(acc + h * D + c, _mm512_setzero_ps());
+            }
+            m[h] = -1e30f;  /* finite: under -ffast-math, -inf and its arithmetic are not safe */
+            l[h] = 0.f;
+        }
+        for (int start = 0; start < len; start += BS) {
+            const int n = len - start < BS ? len - start : BS;
+            const int64_t blk = block_tables[s * bt_stride + start / BS];
+            const int64_t nxt = start + BS < len ? block_tables[s * bt_stride + start / BS + 1] : blk;
+            const uint16_t *kb = k_cache + blk * blk_stride, *vb = v_cache + blk * blk_stride;
+            const char *nk = (const char *)(k_cache + nxt * blk_stride), *nv = (const char *)(v_cache + nxt * blk_stride);
+            __m512 pend[16];
+            int np = 0, done = 0;
+            for (int t = 0; t < n; t++) {  /* scores sc[t * Hq + h]; prefetch the next block's row t meanwhile */
+                for (int64_t off = t * row_bytes; off < (t + 1) * row_bytes; off += 64) {
+                    __builtin_prefetch(nk + off);
+                    __builtin_prefetch(nv + off);
+                }
+                for (int g = 0; g < Hkv; g++) {
+                    const uint16_t *kr = kb + t * tok_stride + g * D;
+                    const __m512 k0 = lp_widen16(kr), k1 = lp_widen16(kr + 16), k2 = lp_widen16(kr + 32),
+                                 k3 = lp_widen16(kr + 48);
+                    for (int j = 0; j < G; j++) {
+                        const float *qh = qv + (g * G + j) * D;
+                        __m512 a = _mm512_mul_ps(_mm512_load_ps(qh), k0);
+                        a = _mm512_fmadd_ps(_mm512_load_ps(qh + 16), k1, a);
+                        a = _mm512_fmadd_ps(_mm512_load_ps(qh + 32), k2, a);
+                        pend[np++] = _mm512_fmadd_ps(_mm512_load_ps(qh + 48), k3, a);
+                        if (np == 16) {
+                            lp_hsum16(pend, 16, sc + done);
+                            done += 16;
+                            np = 0;
+                        }
+                    }
+                }
+            }
+            if (np) lp_hsum16(pend, np, sc + done);
+            for (int h = 0; h < Hq; h++) {  /* online softmax: rescale what was accumulated to the new max */
+                float bmax = m[h];
+                if (n <= 16) {  /* head h's scores in one gather and one max (a scalar max chain cost ~64 cycles) */
+                    const __m512i idx = _mm512_mullo_epi32(
+                        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(Hq));
+                    const __m512 v = _mm512_mask_i32gather_ps(_mm512_set1_ps(-1e30f), (__mmask16)((1u << n) - 1u), idx,
+                                                              sc + h, 4);
+                    _mm512_storeu_ps(p[h], v);
+                    const float vmax = _mm512_reduce_max_ps(v);
+                    bmax = vmax > bmax ? vmax : bmax;
+                } else {
+                    for (int t = 0; t < n; t++) {
+                        p[h][t] = sc[t * Hq + h];
+                        bmax = p[h][t] > bmax ? p[h][t] : bmax;
+                    }
+                }
+                const float corr = expf(m[h] - bmax);
+                float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+                for (int t = 0; t < n; t++) {
+                    p[h][t] = expf(p[h][t] - bmax);
+                    sum += p[h][t];
+                }
+                l[h] = l[h] * corr + sum;
+                m[h] = bmax;
+                if (corr != 1.f) {
+                    const __m512 vc = _mm512_set1_ps(corr);
+                    for (int c = 0; c < D; c += 16)
+                        _mm512_store_ps(acc + h * D + c, _mm512_mul_ps(_mm512_load_ps(acc + h * D + c), vc));
+                }
+            }
+            for (int g = 0; g < Hkv; g++)  /* acc += p * V, up to 4 heads of a group in registers */
+                for (int j0 = 0; j0 < G; j0 += 4) {
+                    const int nj = G - j0 < 4 ? G - j0 : 4, h0 = g * G + j0;
+                    const uint16_t *vg = vb + g * D;
+                    if (nj == 4) lp_pv64_4(acc + h0 * D, vg, tok_stride, n, p + h0);
+                    else if (nj == 3) lp_pv64_3(acc + h0 * D, vg, tok_stride, n, p + h0);
+                    else if (nj == 2) lp_pv64_2(acc + h0 * D, vg, tok_stride, n, p + h0);
+                    else lp_pv64_1(acc + h0 * D, vg, tok_stride, n, p + h0);
+                }
+        }
+        for (int h = 0; h < Hq; h++) {
+            float *dst = out + ((int64_t)s * Hq + h) * D;
+            const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+            for (int d = 0; d < D; d++) dst[d] = acc[h * D + d] * inv;
+        }
+    }
+}
+
 #define GEMV_TILE(MB, NB)                                                                                         \
 static inline void gemv_tile_##MB##x##NB(const uint16_t *xb, int64_t K, const uint16_t *wr, float *out) {        \
     __m512 acc[MB * NB];                                                                                          \
@@ -414,6 +553,20 @@ static inline void store_tile(float *y, int64_t N, int m, int MB, int64_t n0, in
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NB; j++)
             y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * NB + j] + (bias ? bias[n0 + j] : 0.f));
+}
+
+void lp_paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, float *out,
+                            int S, int Hq, int Hkv, int D, int BS, float scale, int nthreads) {
+#if LP_HAVE_BF16
+    if (D == 64 && BS <= MAX_BLOCK && Hq <= MAX_HEADS && Hq % Hkv == 0) {
+        lp_paged_decode_bf16kv_d64(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, S, Hq, Hkv,
+                                   BS, scale, nthreads);
+        return;
+    }
+#endif
+    lp_paged_decode_bf16kv_any(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, S, Hq, Hkv, D,
+                               BS, scale, nthreads);
 }
 
 /* store_tile for a 4 x 4 tile (every tile of a 32-row step) in vector registers: the same float add and the same
