@@ -39,13 +39,15 @@ SIGNATURES = {
     "lp_lora_runs_bf16w": [_P, _I64, _I64, _I64, _P, _I32, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I32, _I32],
     "lp_limits": [_P, _P, _P, _P],
     "lp_linear_bf16": [_P, _I64, _I32, _I64, _P, _I64, _P, _P, _I32],
+    "lp_pack_bf16": [_P, _I64, _I64, _P],
+    "lp_packed_bf16_len": [_I64, _I64],
     "lp_linear_i8": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
     "lp_linear_q4": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
     "lp_has_avx512bf16": [],
     "lp_decode_layers": [_P, _I32, _P, _P, _I32, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _I64, _P, _I32,
                               _I32, _F, _F, _P, _P, _I32],
 }
-RETURNS = {"lp_has_avx512bf16": ctypes.c_int, "lp_decode_layers": ctypes.c_int}
+RETURNS = {"lp_has_avx512bf16": ctypes.c_int, "lp_decode_layers": ctypes.c_int, "lp_packed_bf16_len": ctypes.c_int64}
 _lib: ctypes.CDLL | None = None
 _path: Path | None = None
 _failed: str | None = None

@@ -25,28 +25,38 @@ def _weights(n=96, k=128, seed=0):
 
 
 def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
-    """Up to GEMV_ROWS rows take the C GEMV, more rows oneDNN; both equal a float32 matmul of the bf16-rounded x
-    and w, rounded to bf16 (both round their output), up to summation order."""
+    """Every row count takes the C kernel over the packed weight (decode steps, prefill past the 256-row block, a
+    3-D input), and equals a float32 matmul of the bf16-rounded x and w, rounded to bf16 (as oneDNN rounds), up to
+    summation order; 98 outputs leave a last packed group of 2 columns. Only the packed copy is kept."""
     from kernels import cpu_native
 
-    w, b, _ = _weights()
-    n = BF16Linear.GEMV_ROWS
-    x = torch.randn(n + 1, 128, generator=torch.Generator().manual_seed(1))
+    w, b, _ = _weights(n=98)
+    x = torch.randn(300, 128, generator=torch.Generator().manual_seed(1))
     lin = BF16Linear(w, b)
-    assert lin._lib is not None and lin.weight.dtype == torch.bfloat16
+    assert lin._lib is not None and not hasattr(lin, "weight") and lin.packed.dtype == torch.bfloat16
+    assert lin.packed.numel() == 128 * 128 and lin.nbytes == 128 * 128 * 2  # 98 outputs padded to 4 x 32
     ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()
     calls = []
     real = lin._lib.lp_linear_bf16
     spy = staticmethod(lambda *a: calls.append(a[2]) or real(*a))  # a[2]: the row count
     monkeypatch.setattr(lin, "_lib", type("Spy", (), {"lp_linear_bf16": spy})())
-    for rows in (1, 2, 3, n):
-        torch.testing.assert_close(lin(x[:rows]), ref[:rows], atol=1e-2, rtol=8e-3)  # one bf16 step
-    assert calls == [1, 2, 3, n]
-    y = lin(x)
-    assert calls == [1, 2, 3, n] and y.dtype == torch.float32 and y.shape == (n + 1, 96)
-    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    for rows in (1, 2, 3, 9, BF16Linear.GEMV_ROWS, 300):
+        y = lin(x[:rows])
+        assert y.dtype == torch.float32 and y.shape == (rows, 98)
+        torch.testing.assert_close(y, ref[:rows], atol=1e-2, rtol=8e-3)  # one bf16 step
+    torch.testing.assert_close(lin(x[:12].view(3, 4, 128)), ref[:12].view(3, 4, 98), atol=1e-2, rtol=8e-3)
+    assert calls == [1, 2, 3, 9, BF16Linear.GEMV_ROWS, 300, 12]
     assert cpu_native.lib().lp_has_avx512bf16() == int(bf16_native() or not Path("/proc/cpuinfo").exists()
                                                        or "avx512_bf16" in Path("/proc/cpuinfo").read_text())
+
+
+def test_bf16_projection_without_c_kernels_runs_onednn_on_the_dense_weight(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_KERNELS", "torch")
+    w, b, x = _weights()
+    lin = BF16Linear(w, b)
+    assert lin._lib is None and lin.weight.shape == (96, 128) and not hasattr(lin, "packed")
+    ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()
+    torch.testing.assert_close(lin(x), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
@@ -65,7 +75,7 @@ def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
             "assert cpu_native.lib().lp_has_avx512bf16() == 0\n"
             "g = torch.Generator().manual_seed(5)\n"
             "w, b = torch.randn(40, 64, generator=g) * 0.1, torch.randn(40, generator=g)\n"
-            "x = torch.randn(2, 64, generator=g)\n"
+            "x = torch.randn(9, 64, generator=g)\n"
             "lin = BF16Linear(w, b)\n"
             "assert lin._lib is not None\n"
             "ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()\n"

@@ -323,13 +323,11 @@ void NAME(const float *x, int64_t x_stride, int64_t T, int64_t in, const int32_t
 LORA_RUNS(lp_lora_runs_f32, float, ld8_f32, ld_f32)
 LORA_RUNS(lp_lora_runs_bf16w, uint16_t, ld8_bf16, ld_bf16)
 
-/* y[m, :] = x[m, :] @ w^T (+ bias) for a few rows x (decode batches) and a bfloat16 weight w [N, K] row-major:
- * the weight is read once per call, each row of it against every x row while it sits in L1 (oneDNN's packed
- * bf16 GEMM reached ~10 GB/s of weight reads at M = 1 here; a GEMV is bandwidth-bound). x is rounded to
- * bfloat16 once (round to nearest even, as oneDNN does); products accumulate in float32 with AVX512-BF16's
- * vdpbf16ps where the compiler targets it, else widened scalar loops; y is rounded to bfloat16 values (kept in
- * float32), as oneDNN's bf16 GEMM rounds its output, so a sequence's tokens do not depend on its batch's size.
- * K must be a multiple of 32. */
+/* The bfloat16 projections, y[m, :] = x[m, :] @ w^T (+ bias): lp_linear_bf16 over a weight packed by lp_pack_bf16
+ * (see there), and the int8 / int4 kernels (lp_linear_i8, lp_linear_q4), which widen their weight rows into a
+ * bf16 scratch and meet x there through the row tiles (gemv_tile_*). x is rounded to bfloat16 once (round to
+ * nearest even, as oneDNN does); products accumulate in float32 with AVX512-BF16's vdpbf16ps where the compiler
+ * targets it, else widened scalar loops. K must be a multiple of 32. */
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #define LP_HAVE_BF16 1
@@ -437,7 +435,8 @@ static void lp_paged_decode_bf16kv_d64(const float *q, int64_t q_stride, const u
             const int64_t blk = block_tables[s * bt_stride + start / BS];
             const int64_t nxt = start + BS < len ? block_tables[s * bt_stride + start / BS + 1] : blk;
             const uint16_t *kb = k_cache + blk * blk_stride, *vb = v_cache + blk * blk_stride;
-            const char *nk = (const char *)(k_cache + nxt * blk_stride), *nv = (const char *)(v_cache + nxt * blk_stride);
+            const char *nk = (const char *)(k_cache + nxt * blk_stride);
+            const char *nv = (const char *)(v_cache + nxt * blk_stride);
             __m512 pend[16];
             int np = 0, done = 0;
             for (int t = 0; t < n; t++) {  /* scores sc[t * Hq + h]; prefetch the next block's row t meanwhile */
@@ -547,14 +546,6 @@ GEMV_TILE(2, 4)
 GEMV_TILE(4, 4)
 GEMV_TILE(1, 1)
 
-/* y rows m.. m+MB-1, columns n0.. n0+NB-1 from a tile's out[i * NB + j], plus bias, rounded to bf16 values */
-static inline void store_tile(float *y, int64_t N, int m, int MB, int64_t n0, int NB, const float *out,
-                              const float *bias) {
-    for (int i = 0; i < MB; i++)
-        for (int j = 0; j < NB; j++)
-            y[(int64_t)(m + i) * N + n0 + j] = round_bf16(out[i * NB + j] + (bias ? bias[n0 + j] : 0.f));
-}
-
 void lp_paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                             const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, float *out,
                             int S, int Hq, int Hkv, int D, int BS, float scale, int nthreads) {
@@ -569,75 +560,175 @@ void lp_paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_
                                BS, scale, nthreads);
 }
 
-/* store_tile for a 4 x 4 tile (every tile of a 32-row step) in vector registers: the same float add and the same
- * round-to-nearest-even integer arithmetic as round_bf16, so the same bits, without 16 scalar rounds a tile (a
- * step's 32-row GEMMs, cold weights: 4-5% faster in interleaved rounds on the 2-core VM). scale (per output, the
- * widened formats) multiplies first, in one fma with the bias as the scalar form compiles; the bf16 kernel rounds
- * (round 1), the widened ones do not. */
+/* A 4 x 4 tile of the widened formats (every tile of a 32-row step) stored from vector registers: out * scale
+ * (per output) + bias in one fma, as the scalar form compiles (-ffast-math contracts it), the same bits without
+ * 16 scalar stores a tile (a step's 32-row GEMMs, cold weights: 4-5% faster on the 2-core VM). */
 static inline void store_tile_4x4(float *y, int64_t N, int m, int64_t n0, const float *out, const float *scale,
-                                  const float *bias, int round) {
+                                  const float *bias) {
 #if LP_HAVE_BF16
     __m512 v = _mm512_loadu_ps(out);
     const __m512 b = bias ? _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n0)) : _mm512_setzero_ps();
-    if (scale) /* one rounding, as the scalar o * scale + bias compiles (-ffast-math contracts it) */
+    if (scale)
         v = _mm512_fmadd_ps(v, _mm512_broadcast_f32x4(_mm_loadu_ps(scale + n0)), b);
     else if (bias)
         v = _mm512_add_ps(v, b);
-    if (round) {
-        const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
-        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-                                                               _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-        v = _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
-    }
     _mm_storeu_ps(y + (int64_t)m * N + n0, _mm512_extractf32x4_ps(v, 0));
     _mm_storeu_ps(y + (int64_t)(m + 1) * N + n0, _mm512_extractf32x4_ps(v, 1));
     _mm_storeu_ps(y + (int64_t)(m + 2) * N + n0, _mm512_extractf32x4_ps(v, 2));
     _mm_storeu_ps(y + (int64_t)(m + 3) * N + n0, _mm512_extractf32x4_ps(v, 3));
 #else
     for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) {
-            const float o = (scale ? out[i * 4 + j] * scale[n0 + j] : out[i * 4 + j]) + (bias ? bias[n0 + j] : 0.f);
-            y[(int64_t)(m + i) * N + n0 + j] = round ? round_bf16(o) : o;
-        }
+        for (int j = 0; j < 4; j++)
+            y[(int64_t)(m + i) * N + n0 + j] = (scale ? out[i * 4 + j] * scale[n0 + j] : out[i * 4 + j])
+                                               + (bias ? bias[n0 + j] : 0.f);
 #endif
 }
 
-void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const uint16_t *w, int64_t N,
+/* lp_linear_bf16's weight layout: w [N, K] row-major -> wp [ceil(N / 32)][K / 2][32][2], a group of 32 outputs
+ * with each pair of inputs (k, k + 1) of its 32 rows side by side (the pairs vdpbf16ps multiplies), so one 64-byte
+ * load holds a k pair of 16 outputs and a row of x needs no horizontal sums. Columns past N are zero. wp holds
+ * lp_packed_bf16_len(N, K) elements; the engine keeps only this copy (serving.engine.linear.BF16Linear). */
+int64_t lp_packed_bf16_len(int64_t N, int64_t K) { return (N + 31) / 32 * 32 * K; }
+
+void lp_pack_bf16(const uint16_t *w, int64_t N, int64_t K, uint16_t *wp) {
+    for (int64_t g = 0; g < (N + 31) / 32; g++)
+        for (int c = 0; c < 32; c++) {
+            const int64_t n = g * 32 + c;
+            for (int64_t p = 0; p < K / 2; p++) {
+                uint16_t *d = wp + ((g * (K / 2) + p) * 32 + c) * 2;
+                d[0] = n < N ? w[n * K + 2 * p] : 0;
+                d[1] = n < N ? w[n * K + 2 * p + 1] : 0;
+            }
+        }
+}
+
+#if LP_HAVE_BF16
+static inline __m512 lp_round_bf16_16(__m512 v) { /* round_bf16 on 16 lanes: the same integer arithmetic */
+    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* MB rows of x against one packed group (32 outputs): acc[2m], acc[2m + 1] = row m's outputs 0-15, 16-31; x pairs
+ * broadcast, 2 weight loads per 2 * MB vdpbf16ps. PF: how the group's k loop prefetches (a constant, so each
+ * variant compiles without a branch): 1, 2 KB ahead in this group (a row tile that reads the weight alone);
+ * 2 and 3, the next group at a line per k step or per 2 (every row tile of a multi-tile group, spread so the next
+ * group arrives while this one is computed: a 32-row step's GEMMs 17.0 -> 10.4 ms against prefetching only in the
+ * first row tile, 12.0). *pfp: where the spread prefetch has got to. */
+#define PK_TILE(MB, PF)                                                                                           \
+static inline void pk_tile_##MB##_##PF(const uint16_t *xb, int64_t K, const uint16_t *wg, __m512 *acc,            \
+                                       const char **pfp) {                                                        \
+    const int32_t *xi = (const int32_t *)xb;                                                                      \
+    const char *q = *pfp;                                                                                         \
+    for (int i = 0; i < 2 * MB; i++) acc[i] = _mm512_setzero_ps();                                                \
+    for (int64_t p = 0; p < K / 2; p++) {                                                                         \
+        if (PF == 1) {                                                                                            \
+            _mm_prefetch((const char *)(wg + p * 64 + 1024), _MM_HINT_T0);                                        \
+            _mm_prefetch((const char *)(wg + p * 64 + 1056), _MM_HINT_T0);                                        \
+        }                                                                                                         \
+        if (PF == 2 || (PF == 3 && (p & 1) == 0)) {                                                               \
+            _mm_prefetch(q, _MM_HINT_T0);                                                                         \
+            q += 64;                                                                                              \
+        }                                                                                                         \
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wg + p * 64));                           \
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(wg + p * 64 + 32));                      \
+        for (int m = 0; m < MB; m++) {                                                                            \
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xi[m * (K / 2) + p]);                                 \
+            acc[2 * m] = _mm512_dpbf16_ps(acc[2 * m], xv, w0);                                                    \
+            acc[2 * m + 1] = _mm512_dpbf16_ps(acc[2 * m + 1], xv, w1);                                            \
+        }                                                                                                         \
+    }                                                                                                             \
+    *pfp = q;                                                                                                     \
+}                                                                                                                 \
+
+#define PK_TILES(MB)                                                                                              \
+PK_TILE(MB, 0) PK_TILE(MB, 1) PK_TILE(MB, 2) PK_TILE(MB, 3)                                                       \
+static inline void pk_tile_##MB(const uint16_t *xb, int64_t K, const uint16_t *wg, __m512 *acc, const char **pfp, \
+                                int pf) {                                                                         \
+    if (pf == 1) pk_tile_##MB##_1(xb, K, wg, acc, pfp);                                                           \
+    else if (pf == 2) pk_tile_##MB##_2(xb, K, wg, acc, pfp);                                                      \
+    else if (pf == 3) pk_tile_##MB##_3(xb, K, wg, acc, pfp);                                                      \
+    else pk_tile_##MB##_0(xb, K, wg, acc, pfp);                                                                   \
+}
+PK_TILES(8)
+PK_TILES(4)
+PK_TILES(2)
+PK_TILES(1)
+
+/* rows m0.. m0 + MB - 1 of the group at column n0: + bias, rounded to bf16 values; columns past N not written */
+static inline void pk_store(float *y, int64_t N, int64_t m0, int MB, int64_t n0, const __m512 *acc,
+                            const float *bias) {
+    const int64_t left = N - n0;
+    const __mmask16 k0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    const __mmask16 k1 = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(k0, bias + n0) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(k1, bias + n0 + 16) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; m++) {
+        float *row = y + (m0 + m) * N + n0;
+        _mm512_mask_storeu_ps(row, k0, lp_round_bf16_16(_mm512_add_ps(acc[2 * m], b0)));
+        _mm512_mask_storeu_ps(row + 16, k1, lp_round_bf16_16(_mm512_add_ps(acc[2 * m + 1], b1)));
+    }
+}
+
+/* one group, rows m0.. m0 + M - 1: tiles of 8 rows (16 accumulators), then 4, 2, 1 */
+static void pk_group(const uint16_t *xb, int64_t K, const uint16_t *wg, int64_t m0, int M, int64_t n0, int64_t N,
+                     const float *bias, float *y) {
+    __m512 acc[16];
+    const int tiles = M / 8 + (M % 8) / 4 + (M % 4) / 2 + M % 2;
+    const int pf = tiles == 1 ? 1 : tiles <= 3 ? 2 : 3;
+    const char *pfp = (const char *)(wg + K * 32); /* the next group */
+    int m = 0;
+    for (; m + 8 <= M; m += 8) {
+        pk_tile_8(xb + m * K, K, wg, acc, &pfp, pf);
+        pk_store(y, N, m0 + m, 8, n0, acc, bias);
+    }
+    for (; m + 4 <= M; m += 4) {
+        pk_tile_4(xb + m * K, K, wg, acc, &pfp, pf);
+        pk_store(y, N, m0 + m, 4, n0, acc, bias);
+    }
+    for (; m + 2 <= M; m += 2) {
+        pk_tile_2(xb + m * K, K, wg, acc, &pfp, pf);
+        pk_store(y, N, m0 + m, 2, n0, acc, bias);
+    }
+    for (; m < M; m++) {
+        pk_tile_1(xb + m * K, K, wg, acc, &pfp, pf);
+        pk_store(y, N, m0 + m, 1, n0, acc, bias);
+    }
+}
+#else
+static void pk_group(const uint16_t *xb, int64_t K, const uint16_t *wg, int64_t m0, int M, int64_t n0, int64_t N,
+                     const float *bias, float *y) {
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < 32 && n0 + c < N; c++) {
+            float s = 0.f;
+            for (int64_t p = 0; p < K / 2; p++)
+                s += ld_bf16(xb + m * K, 2 * p) * ld_bf16(wg, (p * 32 + c) * 2)
+                     + ld_bf16(xb + m * K, 2 * p + 1) * ld_bf16(wg, (p * 32 + c) * 2 + 1);
+            y[(m0 + m) * N + n0 + c] = round_bf16(s + (bias ? bias[n0 + c] : 0.f));
+        }
+}
+#endif
+
+/* y = x @ w^T + bias over the packed weight, any number of rows (decode steps and prefill alike: SmolLM2's 30
+ * layers on the 2-core VM, 32 rows 17.0 -> 10.4 ms against the row-layout tiles this replaced, 1 row 4.5 -> 3.9,
+ * 64 rows 6.4 ms against oneDNN's 13.8 for 10 layers, 512 rows 49.9 vs 51.7). Each dynamic chunk of 4 groups
+ * (128 outputs) is long enough for the prefetch stream to pay; rows go in blocks of 256, so a block's x (bf16)
+ * stays in L2 while the weight streams past it. y is rounded to bfloat16 values (kept in float32), as oneDNN's
+ * bf16 GEMM rounds its output; a row's result does not depend on the other rows. */
+#define PK_ROW_BLOCK 256
+void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const uint16_t *wp, int64_t N,
                     const float *bias, float *y, int nthreads) {
     uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
     if (!xb) return;
     for (int m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_bf16(x[m * x_stride + k]);
-    const int64_t NQ = N / 4;
-    /* dynamic chunks of 128 rows: a thread the OS preempted (Ray's processes share these cores) does not hold the
-     * whole step back, as a static split would, and each chunk is long enough for the prefetch stream to pay
-     * (chunks of 16 rows read ~0.6x as fast) */
-#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads)
-    for (int64_t q = 0; q <= NQ; q++) {
-        const int64_t n0 = q * 4;
-        float out[16];
-        if (q == NQ) {  /* the last N % 4 rows, one at a time */
-            for (int64_t n = n0; n < N; n++)
-                for (int m = 0; m < M; m++) {
-                    gemv_tile_1x1(xb + m * K, K, w + n * K, out);
-                    store_tile(y, N, m, 1, n, 1, out, bias);
-                }
-            continue;
-        }
-        const uint16_t *wr = w + n0 * K;
-        int m = 0;
-        for (; m + 4 <= M; m += 4) {  /* 16 accumulators: 8 loads per 16 dot products (2x4: 6 per 8) */
-            gemv_tile_4x4(xb + m * K, K, wr, out);
-            store_tile_4x4(y, N, m, n0, out, NULL, bias, 1);
-        }
-        for (; m + 2 <= M; m += 2) {
-            gemv_tile_2x4(xb + m * K, K, wr, out);
-            store_tile(y, N, m, 2, n0, 4, out, bias);
-        }
-        if (m < M) {
-            gemv_tile_1x4(xb + m * K, K, wr, out);
-            store_tile(y, N, m, 1, n0, 4, out, bias);
-        }
+    const int64_t NG = (N + 31) / 32;
+    for (int m0 = 0; m0 < M; m0 += PK_ROW_BLOCK) {
+        const int mb = M - m0 < PK_ROW_BLOCK ? M - m0 : PK_ROW_BLOCK;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+        for (int64_t g = 0; g < NG; g++)
+            pk_group(xb + (int64_t)m0 * K, K, wp + g * 32 * K, m0, mb, g * 32, N, bias, y);
     }
     free(xb);
 }
@@ -696,7 +787,7 @@ static void lp_linear_widened(const float *x, int64_t x_stride, int M, int64_t K
                 else
                     for (int j = 0; j < nb; j++) gemv_tile_1x1(xb + m * K, K, wb + j * K, out + j);
                 if (nb == 4 && mb == 4) {
-                    store_tile_4x4(y, N, m, n0, out, out_scale, bias, 0);
+                    store_tile_4x4(y, N, m, n0, out, out_scale, bias);
                     m += mb;
                     continue;
                 }

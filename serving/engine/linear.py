@@ -3,8 +3,8 @@
 - float32: the dense weight pre-packed once into oneDNN's blocked layout. torch's default CPU GEMM repacks the
   weight on every call; packing once made our projections 1.4-1.8x and the 49k-row LM head 2.5x faster for
   decode batches on a 2-core CPU.
-- bfloat16: half the weight bytes per step; our C kernel up to 64 rows, oneDNN's AVX512-BF16 GEMM for more
-  (its emulation, and the C kernel's widened loops, where the CPU lacks AVX512-BF16).
+- bfloat16: half the weight bytes per step; our C kernel over a weight packed for it, at every row count
+  (its widened loops where the CPU lacks AVX512-BF16); oneDNN's bf16 GEMM where the C kernels cannot build.
 - int8 (per output channel, symmetric) and int4 (groups of 32 along the input, asymmetric, as GGUF's Q4_1):
   weight-only quantized at load. Both run our C kernels (each weight row widened to bf16 once per step, in
   cache, then AVX512-BF16 dot products with every activation row); where the C library cannot build, int8 and
@@ -44,7 +44,8 @@ def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     if quantization:
         return f"{quantization} weights (torch fused dequant-matmul, {native} activations)"
     if dtype == torch.bfloat16:
-        return f"bf16 weights and KV cache, float32 activations (C kernel up to 64 rows, oneDNN for more; {native})"
+        kernel = "C kernel, packed weights" if cpu_native.usable() else "oneDNN"
+        return f"bf16 weights and KV cache, float32 activations ({kernel}; {native})"
     return "float32 weights (oneDNN pre-packed)"
 
 
@@ -72,11 +73,12 @@ class PackedLinear(nn.Module):
 
 
 class BF16Linear(nn.Module):
-    """A dense bfloat16 projection. Up to GEMV_ROWS rows (decode steps, short prompts) run our C kernel
-    (lp_linear_bf16: the weight read once, AVX512-BF16 dot products in tiles of 4 rows x 4 outputs); more rows
-    (prefill) run oneDNN's bf16 GEMM on the same dense weight (one copy in memory). A whole step's projections
-    (30 layers, SmolLM2's shapes, 2-core AMD VM): 1 row 6.8 ms against oneDNN's 21, 8 rows 9.2 vs 23, 32 rows
-    21.8 vs 34, 64 rows 41.5 vs 51, 96 rows 49.7 vs 46.6: the crossover is past 64."""
+    """A dense bfloat16 projection. Where our C kernels build (and K % 32 == 0), the weight is packed once for
+    lp_linear_bf16 (groups of 32 outputs with each pair of inputs side by side: no horizontal sums, 64-byte loads)
+    and only that copy is kept; every row count runs it, decode steps and prefill alike. SmolLM2's 30 layers on
+    the 2-core VM: 1 row 3.9 ms, 32 rows 10.4 ms (the row-layout C tiles before it: 4.5 and 17.0), 64 rows 6.4 ms
+    for 10 layers against oneDNN's 13.8, 512 rows 49.9 vs 51.7. Elsewhere the dense weight runs oneDNN's bf16
+    GEMM. GEMV_ROWS: the most rows the fused decode step (and a prefill run as decode rows) takes."""
 
     GEMV_ROWS = 64
     C_KIND = 0  # lp_proj's kind in the fused step's layer table (serving.engine.fused_decode)
@@ -85,32 +87,40 @@ class BF16Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.bias_bf16 = None if bias is None else self.bias.detach().to(torch.bfloat16)  # oneDNN's operand
         from kernels import cpu_native
 
         self._lib = cpu_native.lib() if self.in_features % 32 == 0 and cpu_native.usable() else None
+        dense = weight.detach().to(torch.bfloat16).contiguous()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        if self._lib is not None:
+            packed = torch.empty(self._lib.lp_packed_bf16_len(*dense.shape), dtype=torch.bfloat16)
+            self._lib.lp_pack_bf16(dense.data_ptr(), *dense.shape, packed.data_ptr())
+            self.register_buffer("packed", packed)
+        else:
+            self.register_buffer("weight", dense)
+            self.bias_bf16 = None if bias is None else self.bias.detach().to(torch.bfloat16)  # oneDNN's operand
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._lib is not None and x.shape[0] <= self.GEMV_ROWS and x.dim() == 2 and x.stride(1) == 1 \
-                and x.dtype == torch.float32:
-            from kernels import cpu_native
+        if self._lib is None:
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias_bf16).float()
+        from kernels import cpu_native
 
-            y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-            self._lib.lp_linear_bf16(x.data_ptr(), x.stride(0), x.shape[0], self.in_features, self.weight.data_ptr(),
-                                     self.out_features, None if self.bias is None else self.bias.data_ptr(),
-                                     y.data_ptr(), cpu_native.threads())
-            return y
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias_bf16).float()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or x2.stride(1) != 1:
+            x2 = x2.float().contiguous()
+        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        self._lib.lp_linear_bf16(x2.data_ptr(), x2.stride(0), x2.shape[0], self.in_features, self.packed.data_ptr(),
+                                 self.out_features, None if self.bias is None else self.bias.data_ptr(),
+                                 y.data_ptr(), cpu_native.threads())
+        return y.view(*x.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * 2
+        return (self.packed if self._lib is not None else self.weight).numel() * 2
 
     @property
     def c_weight(self) -> torch.Tensor:
-        return self.weight
+        return self.packed
 
 
 class _QuantizedLinear(nn.Module):
