@@ -43,11 +43,14 @@ SIGNATURES = {
     "lp_packed_bf16_len": [_I64, _I64],
     "lp_linear_i8": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
     "lp_linear_q4": [_P, _I64, _I32, _I64, _P, _P, _I64, _P, _P, _I32],
-    "lp_has_avx512bf16": [],
+    "lp_isa": [],
     "lp_decode_layers": [_P, _I32, _P, _P, _I32, _I64, _I64, _I32, _I32, _I32, _P, _P, _P, _P, _I64, _P, _I32,
                               _I32, _F, _F, _P, _P, _I32],
 }
-RETURNS = {"lp_has_avx512bf16": ctypes.c_int, "lp_decode_layers": ctypes.c_int, "lp_packed_bf16_len": ctypes.c_int64}
+RETURNS = {"lp_isa": ctypes.c_int, "lp_decode_layers": ctypes.c_int, "lp_packed_bf16_len": ctypes.c_int64}
+# lp_isa(): the instruction set the library was compiled for (-march=native), as `loraplex prepare` names it
+ISA = {2: "AVX512-BF16", 1: "AVX2 FMAs on widened bf16; this CPU lacks AVX512-BF16",
+       0: "scalar loops; this CPU lacks AVX2 and AVX512-BF16"}
 _lib: ctypes.CDLL | None = None
 _path: Path | None = None
 _failed: str | None = None

@@ -46,8 +46,9 @@ def test_bf16_projection_matches_a_bf16_matmul(monkeypatch):
         torch.testing.assert_close(y, ref[:rows], atol=1e-2, rtol=8e-3)  # one bf16 step
     torch.testing.assert_close(lin(x[:12].view(3, 4, 128)), ref[:12].view(3, 4, 98), atol=1e-2, rtol=8e-3)
     assert calls == [1, 2, 3, 9, BF16Linear.GEMV_ROWS, 300, 12]
-    assert cpu_native.lib().lp_has_avx512bf16() == int(bf16_native() or not Path("/proc/cpuinfo").exists()
-                                                       or "avx512_bf16" in Path("/proc/cpuinfo").read_text())
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert cpu_native.lib().lp_isa() == (2 if bf16_native() or "avx512_bf16" in flags
+                                         else 1 if " avx2" in flags and " fma" in flags else 0)
 
 
 def test_bf16_projection_without_c_kernels_runs_onednn_on_the_dense_weight(monkeypatch):
@@ -59,37 +60,50 @@ def test_bf16_projection_without_c_kernels_runs_onednn_on_the_dense_weight(monke
     torch.testing.assert_close(lin(x), ref, atol=2e-2, rtol=2e-2)
 
 
-def test_bf16_gemv_without_avx512_bf16_falls_back_to_widened_loops(tmp_path):
-    """A CPU without AVX512-BF16 (built here with -mno-avx512bf16 after -march=native): the C GEMV's widened scalar
-    loops give the same bf16-rounded results (the int8 kernel's too), and bf16 decode attention still runs."""
+@pytest.mark.parametrize("flag, isa", [("-mno-avx512bf16", 1), ("-mno-avx2", 0)], ids=["avx2", "scalar"])
+def test_c_kernels_without_avx512_bf16_give_the_same_results(tmp_path, flag, isa):
+    """The C source's other code paths, built here by adding one flag after -march=native: AVX2 + FMA over
+    widened bf16 (the laptop CPUs without AVX512-BF16) and the scalar loops. bf16, int8 and int4 projections at
+    several row counts equal their torch references, a row gets the same bits alone and in a batch, and the fused
+    path's attention over a bf16 KV cache runs."""
     import os
     import subprocess
     import sys
 
-    cc = tmp_path / "cc-without-bf16"
-    cc.write_text('#!/bin/sh\nexec cc "$@" -mno-avx512bf16\n')
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if isa == 1 and not all(f" {f}" in flags for f in ("avx2", "fma")):
+        pytest.skip("this CPU has no AVX2 + FMA to run the AVX2 path on")
+    cc = tmp_path / "cc-variant"
+    cc.write_text(f'#!/bin/sh\nexec cc "$@" {flag}\n')
     cc.chmod(0o755)
-    code = ("import torch\n"
+    code = ("import sys, torch\n"
             "from kernels import cpu_native\n"
-            "from serving.engine.linear import BF16Linear\n"
-            "assert cpu_native.lib().lp_has_avx512bf16() == 0\n"
+            "from serving.engine.linear import BF16Linear, Int4Linear, Int8Linear\n"
+            "assert cpu_native.lib().lp_isa() == int(sys.argv[1]), cpu_native.lib().lp_isa()\n"
             "g = torch.Generator().manual_seed(5)\n"
-            "w, b = torch.randn(40, 64, generator=g) * 0.1, torch.randn(40, generator=g)\n"
-            "x = torch.randn(9, 64, generator=g)\n"
-            "lin = BF16Linear(w, b)\n"
-            "assert lin._lib is not None\n"
-            "ref = (x.bfloat16().float() @ w.bfloat16().float().t() + b).bfloat16().float()\n"
-            "torch.testing.assert_close(lin(x), ref, atol=1e-2, rtol=8e-3)\n"
-            "from serving.engine.linear import Int8Linear\n"
-            "q = Int8Linear(w, b)\n"
-            "assert q._lib is not None\n"
-            "torch.testing.assert_close(q(x), x.bfloat16().float() @ q.dequantized().t() + b, atol=1e-5, rtol=1e-5)\n"
+            "w, b = torch.randn(98, 64, generator=g) * 0.1, torch.randn(98, generator=g)\n"
+            "x = torch.randn(33, 64, generator=g)\n"
+            "lin, q8, q4 = BF16Linear(w, b), Int8Linear(w, b), Int4Linear(w, b)\n"
+            "assert lin._lib is not None and q8._lib is not None and q4._lib is not None\n"
+            "q4w = q4.qweight.int(); q4q = torch.stack([q4w & 15, q4w >> 4], 1).view(98, 2, 2, 16)\n"
+            "q4q = q4q.transpose(1, 2).reshape(98, 2, 32).float()\n"
+            "sm = q4.scales_mins\n"
+            "deq4 = (q4q * sm[..., :1] + sm[..., 1:]).reshape(98, 64).bfloat16().float()\n"
+            "for rows in (1, 2, 3, 5, 9, 33):\n"
+            "    xr = x[:rows].bfloat16().float()\n"
+            "    ref = (xr @ w.bfloat16().float().t() + b).bfloat16().float()\n"
+            "    torch.testing.assert_close(lin(x[:rows]), ref, atol=1e-2, rtol=8e-3)\n"
+            "    torch.testing.assert_close(q8(x[:rows]), xr @ q8.dequantized().t() + b, atol=1e-4, rtol=1e-4)\n"
+            "    torch.testing.assert_close(q4(x[:rows]), xr @ deq4.t() + b, atol=1e-3, rtol=1e-3)\n"
+            "for m in (lin, q8, q4):\n"
+            "    alone = torch.cat([m(x[i:i + 1]) for i in range(9)])\n"
+            "    assert torch.equal(m(x[:9]).view(torch.int32), alone.view(torch.int32)), type(m).__name__\n"
             "print('ok')\n")
     env = dict(os.environ, CC=str(cc), LORAPLEX_HOME=str(tmp_path / "home"))
     env.pop("LORAPLEX_KERNELS", None)
     env.pop("LORAPLEX_KERNEL_CACHE", None)  # build (or fail to) in this data dir, not the session's shared cache
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
-                         cwd=str(Path(__file__).parent.parent))
+    res = subprocess.run([sys.executable, "-c", code, str(isa)], env=env, capture_output=True, text=True,
+                         timeout=240, cwd=str(Path(__file__).parent.parent))
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
@@ -160,9 +174,9 @@ def test_cpu_linear_picks_the_format_and_prepare_names_the_path():
     assert isinstance(cpu_linear(w, b, torch.bfloat16, "int8"), Int8Linear)
     assert isinstance(cpu_linear(w, b, torch.bfloat16, "int4"), Int4Linear)
     line = cpu_path(torch.bfloat16, None)
-    assert ("emulated" not in line) == bf16_native()  # the fallback's line names the missing AVX512-BF16 too
+    assert ("lacks AVX512-BF16" in line) == (not bf16_native())  # the fallback's line names what is missing
     if "avx512_bf16" in Path("/proc/cpuinfo").read_text():  # this VM's CPU: the hardware path must be found
-        assert bf16_native() and "emulated" not in line
+        assert bf16_native() and "AVX512-BF16)" in line
 
 
 @pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(quantization="int8"), dict(quantization="int4")],

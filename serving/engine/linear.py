@@ -4,12 +4,15 @@
   weight on every call; packing once made our projections 1.4-1.8x and the 49k-row LM head 2.5x faster for
   decode batches on a 2-core CPU.
 - bfloat16: half the weight bytes per step; our C kernel over a weight packed for it, at every row count
-  (its widened loops where the CPU lacks AVX512-BF16); oneDNN's bf16 GEMM where the C kernels cannot build.
+  (AVX512-BF16 dot products, else AVX2 FMAs on the widened weight, else scalar loops); oneDNN's bf16 GEMM
+  where the C kernels cannot build (without AVX512-BF16, oneDNN emulates bf16: on the 2-core AVX2 VM 1.4x slower
+  than our AVX2 tiles for one row, 6x for 32).
 - int8 (per output channel, symmetric) and int4 (groups of 32 along the input, asymmetric, as GGUF's Q4_1):
   weight-only quantized at load. Both run our C kernels (each weight row widened to bf16 once per step, in
-  cache, then AVX512-BF16 dot products with every activation row); where the C library cannot build, int8 and
-  int4 run torch's fused dequantize-and-multiply CPU ops (the ones torchao uses). Activations meet them in
-  bfloat16. Quantizing at load keeps one loader for every checkpoint (safetensors or our converted GGUF).
+  cache, then AVX512-BF16 dot products with every activation row; on AVX2, widened to float32 for FMAs); where
+  the C library cannot build, int8 and int4 run torch's fused dequantize-and-multiply CPU ops (the ones torchao
+  uses). Activations meet them in bfloat16. Quantizing at load keeps one loader for every checkpoint
+  (safetensors or our converted GGUF).
 
 Why activations stay float32 around bf16/quantized weights: the residual stream, norms, RoPE, softmax and the
 KV-cache writes run in our float32 C kernels (kernels/csrc), and a [tokens, hidden] cast per projection costs
@@ -38,14 +41,16 @@ def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     """One line for `loraplex prepare` and the log: which weight path runs on this CPU."""
     from kernels import cpu_native
 
-    native = "AVX512-BF16" if bf16_native() else "bf16 emulated (this CPU lacks AVX512-BF16)"
-    if quantization in ("int8", "int4") and cpu_native.usable():  # what Int8Linear and Int4Linear check
-        return f"{quantization} weights (C kernel: rows widened to bf16 once per step, {native})"
+    c = cpu_native.usable()  # what BF16Linear, Int8Linear and Int4Linear check
+    isa = cpu_native.ISA[cpu_native.lib().lp_isa()] if c else ""
+    onednn = "AVX512-BF16" if bf16_native() else "bf16 emulated (this CPU lacks AVX512-BF16)"
+    if quantization in ("int8", "int4") and c:
+        return f"{quantization} weights (C kernel: rows widened once per step, {isa})"
     if quantization:
-        return f"{quantization} weights (torch fused dequant-matmul, {native} activations)"
+        return f"{quantization} weights (torch fused dequant-matmul, {onednn} activations)"
     if dtype == torch.bfloat16:
-        kernel = "C kernel, packed weights" if cpu_native.usable() else "oneDNN"
-        return f"bf16 weights and KV cache, float32 activations ({kernel}; {native})"
+        kernel = f"C kernel, packed weights, {isa}" if c else f"oneDNN, {onednn}"
+        return f"bf16 weights and KV cache, float32 activations ({kernel})"
     return "float32 weights (oneDNN pre-packed)"
 
 
