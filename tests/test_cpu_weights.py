@@ -179,6 +179,21 @@ def test_cpu_linear_picks_the_format_and_prepare_names_the_path():
         assert bf16_native() and "AVX512-BF16)" in line
 
 
+def test_auto_dtype_is_bf16_where_bf16_runs_in_hardware(monkeypatch):
+    """`dtype: auto` on the CPU: bf16 with AVX512-BF16 or where our C kernels build for AVX2 (or better); float32
+    where bf16 would be emulated (here: the C kernels switched off on a CPU without AVX512-BF16)."""
+    from kernels import cpu_native
+    from serving.engine.llm_engine import auto_dtype
+
+    cpu = torch.device("cpu")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    hardware = bf16_native() or (cpu_native.available() and " avx2" in flags and " fma" in flags)
+    assert auto_dtype(cpu, None) == (torch.bfloat16 if hardware else torch.float32)
+    assert auto_dtype(cpu, "int8") == torch.bfloat16
+    monkeypatch.setenv("LORAPLEX_KERNELS", "torch")
+    assert auto_dtype(cpu, None) == (torch.bfloat16 if bf16_native() else torch.float32)
+
+
 @pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(quantization="int8"), dict(quantization="int4")],
                          ids=["bf16", "int8", "int4"])
 def test_engines_on_each_format_generate_and_batch_consistently(kw, tiny_model_factory):

@@ -37,6 +37,14 @@ def bf16_native() -> bool:
         return False
 
 
+def bf16_fast() -> bool:
+    """bf16 weights run at hardware speed here: oneDNN has AVX512-BF16, or our C kernels build (AVX2 + FMA at
+    least; scalar loops do not count)."""
+    from kernels import cpu_native
+
+    return bf16_native() or (cpu_native.usable() and cpu_native.lib().lp_isa() >= 1)
+
+
 def cpu_path(dtype: torch.dtype, quantization: str | None) -> str:
     """One line for `loraplex prepare` and the log: which weight path runs on this CPU."""
     from kernels import cpu_native

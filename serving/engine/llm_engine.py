@@ -52,13 +52,14 @@ class _Request:
 
 
 def auto_dtype(device: torch.device, quantization: str | None) -> torch.dtype:
-    """`dtype: auto`: bfloat16 on CUDA, under quantization, and on CPUs with AVX512-BF16 (or AMX), where it is
-    1.7x (32 streams) to 4x (one stream) faster than float32 here and its perplexity is within 0.3% of it
-    (benchmarks/RESULTS.md); float32 on other CPUs, where bf16 is emulated. float32 stays token-exact against
-    HF transformers: ask for it with `dtype: float32`."""
-    from serving.engine.linear import bf16_native
+    """`dtype: auto`: bfloat16 on CUDA, under quantization, and on CPUs where our bf16 kernels run in hardware
+    (AVX512-BF16, or AVX2 + FMA), where it is 1.7x (32 streams) to 4x (one stream) faster than float32 with
+    AVX512-BF16, 1.2x and 3.4x with AVX2, and its perplexity is within 0.3% of it (benchmarks/RESULTS.md);
+    float32 elsewhere (bf16 would be emulated). float32 stays token-exact against HF transformers: ask for it
+    with `dtype: float32`."""
+    from serving.engine.linear import bf16_fast
 
-    if device.type == "cuda" or quantization or (device.type == "cpu" and bf16_native()):
+    if device.type == "cuda" or quantization or (device.type == "cpu" and bf16_fast()):
         return torch.bfloat16
     return torch.float32
 
