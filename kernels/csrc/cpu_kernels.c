@@ -603,9 +603,6 @@ void lp_paged_decode_bf16kv(const float *q, int64_t q_stride, const uint16_t *k_
                                BS, scale, nthreads);
 }
 
-/* A 4 x 4 tile of the widened formats (every tile of a 32-row step) stored from vector registers: out * scale
- * (per output) + bias in one fma, as the scalar form compiles (-ffast-math contracts it), the same bits without
- * 16 scalar stores a tile (a step's 32-row GEMMs, cold weights: 4-5% faster on the 2-core VM). */
 /* one output of a widened-format tile: o * scale[n] + bias[n] as one fma, so every tile rounds it alike. The
  * empty asm makes o opaque: under -ffast-math the compiler may otherwise fold the bias into o's horizontal sum
  * in one inlining context and not in another (a row's bits would then depend on its tile). */
@@ -619,6 +616,9 @@ static inline float lp_out(float o, const float *scale, const float *bias, int64
     return scale ? fmaf(o, scale[n], b) : o + b;
 }
 
+/* A 4 x 4 tile of the widened formats (every tile of a 32-row step) stored from vector registers: out * scale
+ * (per output) + bias in one fma, as lp_out computes it, the same bits without
+ * 16 scalar stores a tile (a step's 32-row GEMMs, cold weights: 4-5% faster on the 2-core VM). */
 static inline void store_tile_4x4(float *y, int64_t N, int m, int64_t n0, const float *out, const float *scale,
                                   const float *bias) {
 #if LP_HAVE_BF16
