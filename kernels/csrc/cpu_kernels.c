@@ -868,24 +868,26 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
  * whatever M is. torch's _weight_int8pack_mm reads them once per row block instead (300 ms for a 32-row step
  * against bf16's 86 ms on the 2-core VM). K must be a multiple of 32. */
 #if LP_HAVE_AVX2
-/* AVX2: 8 weights of a row from k (k % 8 == 0) widened to float32, as the scratch holds them and as the 1-3 row
- * path (lp_linear_direct) multiplies them without a scratch */
-static inline __m256 ld8_i8(const int8_t *row, const float *sm, int64_t k) {
+/* AVX2: the 32 weights of a row's group g (inputs 32g.. 32g + 31) widened to float32 in v[0..3], as the scratch
+ * holds them and as the 1-3 row path (lp_linear_direct) multiplies them without a scratch */
+static inline void ld32_i8(const int8_t *row, const float *sm, int64_t g, __m256 v[4]) {
     (void)sm;
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k))));
+    for (int h = 0; h < 4; h++)
+        v[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + g * 32 + h * 8))));
 }
-static inline __m256 ld8_q4(const uint8_t *row, const float *sm, int64_t k) { /* sm: the row's (scale, min) pairs */
-    const int64_t g = k / 32;
-    const int h = (int)(k % 32) / 8; /* q[0..7], q[8..15] (low nibbles), q[16..23], q[24..31] (high) */
-    __m128i b = _mm_loadl_epi64((const __m128i *)(row + g * 16 + (h & 1) * 8));
-    if (h >> 1) b = _mm_srli_epi16(b, 4);
-    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_set1_ps(sm[2 * g]),
-                                     _mm256_set1_ps(sm[2 * g + 1]));
-    const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1); /* round_bf16 on 8 lanes */
-    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
-                                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
+static inline void ld32_q4(const uint8_t *row, const float *sm, int64_t g, __m256 v[4]) { /* sm: (scale, min) */
+    const __m128i b = _mm_loadu_si128((const __m128i *)(row + g * 16)), low = _mm_set1_epi8(0x0F);
+    const __m128i nib[2] = {_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low)}; /* q[0..15], [16..31] */
+    const __m256 vs = _mm256_set1_ps(sm[2 * g]), vm = _mm256_set1_ps(sm[2 * g + 1]);
+    const __m256i rnd = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    const __m256i keep = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int h = 0; h < 4; h++) {
+        const __m128i q8 = h & 1 ? _mm_srli_si128(nib[h >> 1], 8) : nib[h >> 1];
+        const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8)), vs, vm);
+        const __m256i u = _mm256_castps_si256(f); /* round_bf16 on 8 lanes */
+        const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+        v[h] = _mm256_castsi256_ps(_mm256_and_si256(r, keep));
+    }
 }
 #endif
 
@@ -898,9 +900,11 @@ static inline void widen_i8(const int8_t *w, int64_t K, lp_wide *wb) {
         _mm512_storeu_si512((void *)(wb + k), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
 #elif LP_HAVE_AVX2
-    for (int64_t k = 0; k < K; k += 8) {
-        if ((k & 63) == 0) _mm_prefetch((const char *)(w + k + 2 * GEMV_PREFETCH), _MM_HINT_T0);
-        _mm256_storeu_ps(wb + k, ld8_i8(w, NULL, k));
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m256 v[4];
+        if ((g & 1) == 0) _mm_prefetch((const char *)(w + g * 32 + 2 * GEMV_PREFETCH), _MM_HINT_T0);
+        ld32_i8(w, NULL, g, v);
+        for (int h = 0; h < 4; h++) _mm256_storeu_ps(wb + g * 32 + h * 8, v[h]);
     }
 #else
     for (int64_t k = 0; k < K; k++) wb[k] = to_wide((float)w[k]);
@@ -964,7 +968,7 @@ static void lp_linear_widened(const float *x, int64_t x_stride, int M, int64_t K
  * 8 independent accumulators per row of x. The same FMAs in the same order as the scratch tiles (one chain per
  * output over k, then lp_hsum8), so a row's result does not depend on M. SmolLM2's 30 layers on the 2-core AVX2
  * VM, one row: int8 9.0 -> 4.4 ms against the scratch (2 rows 11.8 -> 7.2), int4 19.4 -> 13.2. RB: a row's bytes. */
-#define LP_DIRECT(NAME, WT, LD8, RB, SM_ROW)                                                                      \
+#define LP_DIRECT(NAME, WT, LD32, RB, SM_ROW)                                                                     \
 static void NAME(const float *x, int64_t x_stride, int M, int64_t K, const WT *w, const float *sm,                 \
                  const float *out_scale, int64_t N, const float *bias, float *y, int nthreads) {                  \
     float *xb = (float *)malloc((size_t)M * (size_t)K * sizeof(float));                                           \
@@ -987,10 +991,16 @@ _Pragma("omp parallel for schedule(dynamic, 8) num_threads(nthreads)")          
         for (int m = 0; m < M; m++) {                                                                             \
             __m256 acc[8];                                                                                        \
             for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();                                             \
-            for (int64_t k = 0; k < K; k += 8) {                                                                  \
-                if (m == 0) _mm_prefetch(pf + k * 8, _MM_HINT_T0); /* the next block, a line per k step */       \
-                const __m256 xv = _mm256_loadu_ps(xb + m * K + k);                                                \
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(xv, LD8(rows[j], sms[j], k), acc[j]);        \
+            for (int64_t g = 0; g < K / 32; g++) {                                                                \
+                if (m == 0) { /* the next block, 4 lines per group */                                              \
+                    for (int i = 0; i < 4; i++) _mm_prefetch(pf + g * 256 + i * 64, _MM_HINT_T0);                 \
+                }                                                                                                 \
+                const float *xg = xb + m * K + g * 32;                                                            \
+                for (int j = 0; j < 8; j++) {                                                                     \
+                    __m256 v[4];                                                                                  \
+                    LD32(rows[j], sms[j], g, v);                                                                  \
+                    for (int h = 0; h < 4; h++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + h * 8), v[h], acc[j]); \
+                }                                                                                                 \
             }                                                                                                     \
             for (int j = 0; j < nb; j++)                                                                          \
                 y[(int64_t)m * N + n0 + j] = lp_out(lp_hsum8((lp_v8)acc[j]), out_scale, bias, n0 + j);            \
@@ -998,8 +1008,8 @@ _Pragma("omp parallel for schedule(dynamic, 8) num_threads(nthreads)")          
     }                                                                                                             \
     free(xb);                                                                                                     \
 }
-LP_DIRECT(lp_direct_i8, int8_t, ld8_i8, K, NULL)
-LP_DIRECT(lp_direct_q4, uint8_t, ld8_q4, K / 2, sm + n * (K / 16))
+LP_DIRECT(lp_direct_i8, int8_t, ld32_i8, K, NULL)
+LP_DIRECT(lp_direct_q4, uint8_t, ld32_q4, K / 2, sm + n * (K / 16))
 #define LP_DIRECT_ROWS 3 /* int8; at 4 rows the scratch tiles (each widened weight read 4 times, from L1) win */
 #endif
 
@@ -1031,8 +1041,10 @@ static inline void widen_q4(const uint8_t *w, const float *sm, int64_t K, lp_wid
             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), vs, vm);
         _mm512_storeu_si512((void *)(wb + g * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 #elif LP_HAVE_AVX2
+        __m256 v[4];
         if ((g & 3) == 0) _mm_prefetch((const char *)(w + g * 16 + GEMV_PREFETCH), _MM_HINT_T0);
-        for (int h = 0; h < 4; h++) _mm256_storeu_ps(wb + g * 32 + h * 8, ld8_q4(w, sm, g * 32 + h * 8));
+        ld32_q4(w, sm, g, v);
+        for (int h = 0; h < 4; h++) _mm256_storeu_ps(wb + g * 32 + h * 8, v[h]);
         (void)s, (void)mn;
 #else
         for (int i = 0; i < 16; i++) {
