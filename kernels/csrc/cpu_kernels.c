@@ -365,6 +365,16 @@ typedef uint16_t lp_wide;
 static inline lp_wide to_wide(float f) { return to_bf16(f); }
 #endif
 
+/* x [M, K] (row stride x_stride) rounded to bf16 once, as lp_wide, for every bf16 / widened-format kernel; the
+ * caller frees it. NULL if out of memory. */
+static lp_wide *widen_x(const float *x, int64_t x_stride, int M, int64_t K) {
+    lp_wide *xb = (lp_wide *)malloc((size_t)M * (size_t)K * sizeof(lp_wide));
+    if (xb)
+        for (int m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_wide(x[m * x_stride + k]);
+    return xb;
+}
+
 /* A tile: MB rows of x against NB consecutive rows of w (NB independent accumulator chains per x row, so the
  * vdpbf16ps latency is hidden even at M = 1); out[m * NB + j]. Each weight load prefetches the line 8 KB
  * ahead: the hardware prefetcher alone fed one core ~6 GB/s here, with it the 2-core step reads ~1.7x faster
@@ -796,9 +806,8 @@ static inline void pk2_store(float *y, int64_t N, int64_t m0, int MB, int64_t n0
         }
 }
 
-static void pk_group(const void *xv, int64_t K, const uint16_t *wg, int64_t m0, int M, int64_t n0, int64_t N,
+static void pk_group(const float *xf, int64_t K, const uint16_t *wg, int64_t m0, int M, int64_t n0, int64_t N,
                      const float *bias, float *y) {
-    const float *xf = (const float *)xv;
     __m256 acc[8];
     const int tiles = 2 * (M / 4) + (M % 4) / 2 + M % 2;
     const char *pfp = (const char *)(wg + K * 32), *end = pfp + K * 64; /* the next group */
@@ -841,17 +850,8 @@ static void pk_group(const uint16_t *xb, int64_t K, const uint16_t *wg, int64_t 
 #define PK_ROW_BLOCK 256
 void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const uint16_t *wp, int64_t N,
                     const float *bias, float *y, int nthreads) {
-#if LP_HAVE_AVX2
-    float *xb = (float *)malloc((size_t)M * (size_t)K * sizeof(float)); /* bf16 values, widened once */
+    lp_wide *xb = widen_x(x, x_stride, M, K);
     if (!xb) return;
-    for (int m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xb[m * K + k] = round_bf16(x[m * x_stride + k]);
-#else
-    uint16_t *xb = (uint16_t *)malloc((size_t)M * (size_t)K * sizeof(uint16_t));
-    if (!xb) return;
-    for (int m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_bf16(x[m * x_stride + k]);
-#endif
     const int64_t NG = (N + 31) / 32;
     for (int m0 = 0; m0 < M; m0 += PK_ROW_BLOCK) {
         const int mb = M - m0 < PK_ROW_BLOCK ? M - m0 : PK_ROW_BLOCK;
@@ -869,7 +869,7 @@ void lp_linear_bf16(const float *x, int64_t x_stride, int M, int64_t K, const ui
  * against bf16's 86 ms on the 2-core VM). K must be a multiple of 32. */
 #if LP_HAVE_AVX2
 /* AVX2: the 32 weights of a row's group g (inputs 32g.. 32g + 31) widened to float32 in v[0..3], as the scratch
- * holds them and as the 1-3 row path (lp_linear_direct) multiplies them without a scratch */
+ * holds them and as the 1-3 row path (LP_DIRECT) multiplies them without a scratch */
 static inline void ld32_i8(const int8_t *row, const float *sm, int64_t g, __m256 v[4]) {
     (void)sm;
     for (int h = 0; h < 4; h++)
@@ -924,10 +924,8 @@ static void widen_i8_row(const void *w, const float *s, int64_t n, int64_t K, lp
 static void lp_linear_widened(const float *x, int64_t x_stride, int M, int64_t K, const void *w, const float *s,
                               lp_widen_fn widen, const float *out_scale, int64_t N, const float *bias, float *y,
                               int nthreads) {
-    lp_wide *xb = (lp_wide *)malloc((size_t)M * (size_t)K * sizeof(lp_wide));
+    lp_wide *xb = widen_x(x, x_stride, M, K);
     if (!xb) return;
-    for (int m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xb[m * K + k] = to_wide(x[m * x_stride + k]);
     const int64_t NQ = (N + 3) / 4;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -971,11 +969,9 @@ static void lp_linear_widened(const float *x, int64_t x_stride, int M, int64_t K
 #define LP_DIRECT(NAME, WT, LD32, RB, SM_ROW)                                                                     \
 static void NAME(const float *x, int64_t x_stride, int M, int64_t K, const WT *w, const float *sm,                 \
                  const float *out_scale, int64_t N, const float *bias, float *y, int nthreads) {                  \
-    float *xb = (float *)malloc((size_t)M * (size_t)K * sizeof(float));                                           \
+    float *xb = widen_x(x, x_stride, M, K);                                                                       \
     const int64_t rb = RB;                                                                                        \
     if (!xb) return;                                                                                              \
-    for (int m = 0; m < M; m++)                                                                                   \
-        for (int64_t k = 0; k < K; k++) xb[m * K + k] = round_bf16(x[m * x_stride + k]);                          \
 _Pragma("omp parallel for schedule(dynamic, 8) num_threads(nthreads)")                                           \
     for (int64_t q = 0; q < (N + 7) / 8; q++) {                                                                   \
         const int64_t n0 = q * 8;                                                                                 \
@@ -1030,6 +1026,14 @@ void lp_linear_i8(const float *x, int64_t x_stride, int M, int64_t K, const int8
  * in float32, rounded to bf16) and meets every row of x there through the same tiles, so a step reads the 4-bit
  * bytes (a quarter of bf16's) from memory once, whatever M is. K must be a multiple of 32. */
 static inline void widen_q4(const uint8_t *w, const float *sm, int64_t K, lp_wide *wb) {
+#if LP_HAVE_AVX2
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m256 v[4];
+        if ((g & 3) == 0) _mm_prefetch((const char *)(w + g * 16 + GEMV_PREFETCH), _MM_HINT_T0);
+        ld32_q4(w, sm, g, v);
+        for (int h = 0; h < 4; h++) _mm256_storeu_ps(wb + g * 32 + h * 8, v[h]);
+    }
+#else
     for (int64_t g = 0; g < K / 32; g++) {
         const float s = sm[2 * g], mn = sm[2 * g + 1];
 #if LP_HAVE_BF16
@@ -1040,12 +1044,6 @@ static inline void widen_q4(const uint8_t *w, const float *sm, int64_t K, lp_wid
         __m512 hi = _mm512_fmadd_ps(
             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), vs, vm);
         _mm512_storeu_si512((void *)(wb + g * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-#elif LP_HAVE_AVX2
-        __m256 v[4];
-        if ((g & 3) == 0) _mm_prefetch((const char *)(w + g * 16 + GEMV_PREFETCH), _MM_HINT_T0);
-        ld32_q4(w, sm, g, v);
-        for (int h = 0; h < 4; h++) _mm256_storeu_ps(wb + g * 32 + h * 8, v[h]);
-        (void)s, (void)mn;
 #else
         for (int i = 0; i < 16; i++) {
             wb[g * 32 + i] = to_wide((float)(w[g * 16 + i] & 15) * s + mn);
@@ -1053,6 +1051,7 @@ static inline void widen_q4(const uint8_t *w, const float *sm, int64_t K, lp_wid
         }
 #endif
     }
+#endif
 }
 
 static void widen_q4_row(const void *w, const float *s, int64_t n, int64_t K, lp_wide *wb) {
